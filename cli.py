@@ -1,0 +1,328 @@
+"""skd command line: cache a teacher once, train students from the cache, evaluate.
+
+    skd train-teacher --dataset synthetic --model pspnet_resnet18 --out runs/teacher
+    skd cache-teacher --dataset synthetic --teacher runs/teacher/model.pt
+    skd train-student --dataset synthetic --cache ./data/synthetic.zarr --losses pi,pa,ho
+    skd evaluate --dataset synthetic --checkpoint runs/student/model.pt
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.config import Config, load_config, merge
+from pipeline.errors import SkdError
+
+log = logging.getLogger("skd")
+
+
+def default_cache(dataset: str, split: str = "train") -> str:
+    return f"./data/{dataset}.zarr" if split == "train" else f"./data/{dataset}-{split}.zarr"
+
+
+def parse_hw(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    parts = value.lower().replace("x", ",").split(",")
+    try:
+        hw = [int(p) for p in parts]
+    except ValueError:
+        raise SkdError(f"expected HEIGHTxWIDTH (e.g. 512x512) or one number, not {value!r}") from None
+    return hw * 2 if len(hw) == 1 else hw
+
+
+def parse_floats(value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise SkdError(f"expected comma-separated numbers, not {value!r}") from None
+
+
+def parse_terms(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [] if value.strip().lower() in ("", "none") else [t.strip() for t in value.split(",")]
+
+
+def data_options(f):
+    f = click.option("--data-root", type=click.Path(), default=None,
+                     help="Dataset folder. [default: ./data/<dataset>]")(f)
+    f = click.option("--dataset", default=None,
+                     help="synthetic (built in), camvid, cityscapes, ade20k or folder. [default: synthetic, or the config's]")(f)
+    f = click.option("--config", "config_path", type=click.Path(), default=None,
+                     help="YAML recipe (see configs/); options given here override it.")(f)
+    return f
+
+
+def train_options(f):
+    for decorator in reversed([
+        click.option("--model", default=None, help="Network, e.g. pspnet_resnet18, pspnet_resnet101, pspnet_mobilenetv2."),
+        click.option("--width", type=float, default=None, help="Channel width multiplier of the network (small students)."),
+        click.option("--pretrained-backbone", type=click.Path(), default=None,
+                     help="torchvision ImageNet checkpoint to initialise the backbone from."),
+        click.option("--iterations", type=int, default=None, help="Training iterations. [default: 40000]"),
+        click.option("--batch-size", type=int, default=None, help="[default: 8]"),
+        click.option("--lr", type=float, default=None, help="SGD learning rate, poly decay. [default: 0.01]"),
+        click.option("--crop-size", default=None, help="Random crop HxW, e.g. 512x512. [default: whole images]"),
+        click.option("--scale-range", default=None, help="Random scale range LOW,HIGH, e.g. 0.5,2.0. [default: 1,1]"),
+        click.option("--flip/--no-flip", default=None, help="Random horizontal flip."),
+        click.option("--workers", type=int, default=None, help="DataLoader worker processes. [default: 2]"),
+        click.option("--seed", type=int, default=None, help="[default: 0]"),
+        click.option("--device", default=None, help="auto, cpu, cuda, cuda:1 ... [default: auto]"),
+        click.option("--out", type=click.Path(), default=None, help="Run folder for checkpoints and logs."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+def build_config(config_path: str | None, **sections: dict[str, Any]) -> Config:
+    cfg = load_config(config_path)
+    return merge(cfg, sections)
+
+
+def common_train_updates(kw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        "data": {"dataset": kw["dataset"], "root": kw["data_root"], "crop_size": parse_hw(kw["crop_size"]),
+                 "scale_range": parse_floats(kw["scale_range"]), "flip": kw["flip"], "workers": kw["workers"]},
+        "model": {"name": kw["model"], "width": kw["width"], "pretrained_backbone": kw["pretrained_backbone"]},
+        "train": {"iterations": kw["iterations"], "batch_size": kw["batch_size"], "lr": kw["lr"], "seed": kw["seed"],
+                  "device": kw["device"], "out": kw["out"]},
+    }
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars, warnings and errors only.")
+@click.version_option(package_name="skd")
+@click.pass_context
+def cli(ctx: click.Context, quiet: bool) -> None:
+    """skd: structured knowledge distillation for semantic segmentation, with a cached teacher.
+
+    \b
+    1. train-teacher   train (or fine-tune) a teacher, or a baseline student, with the task loss
+    2. cache-teacher   run the teacher once over a split and store its outputs (Zarr v3)
+    3. train-student   train a student from the store: task + pixel-wise + pair-wise + holistic
+    4. evaluate        mIoU / per-class IoU of a checkpoint or of the cached teacher
+    """
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    ctx.obj = {"progress": not quiet and sys.stderr.isatty()}
+
+
+@cli.command("train-teacher")
+@data_options
+@train_options
+@click.pass_context
+def train_teacher(ctx: click.Context, config_path: str | None, resume: bool, **kw: Any) -> None:
+    """Train a model with the task loss only (a teacher, or a baseline student).
+
+    Cross-entropy on the main head plus 0.4 x the auxiliary head, SGD with poly decay.
+    Writes OUT/model.pt (weights + architecture), OUT/last.pt (resumable) and OUT/log.jsonl.
+    """
+    from pipeline.train.trainer import train
+
+    updates = common_train_updates(kw)
+    updates["train"]["out"] = kw["out"] or "runs/teacher"
+    cfg = build_config(config_path, **updates)
+    cfg.distill.losses = []
+    path = train(cfg, resume=resume, progress=ctx.obj["progress"])
+    click.echo(f"model written to {path}")
+
+
+@cli.command("train-student")
+@data_options
+@train_options
+@click.option("--cache", type=click.Path(), default=None,
+              help="Teacher cache (directory, .zip or fsspec URL). [default: ./data/<dataset>.zarr]")
+@click.option("--teacher", type=click.Path(), default=None,
+              help="Online mode: a teacher checkpoint run live on every batch instead of a cache.")
+@click.option("--losses", default=None,
+              help="Distillation terms, any of pi (pixel-wise), pa (pair-wise), ho (holistic), or 'none'. [default: pi,pa,ho]")
+@click.option("--lambda-pi", type=float, default=None, help="Pixel-wise weight on the per-pixel mean. [default: 80]")
+@click.option("--lambda-pa", type=float, default=None, help="Pair-wise weight. [default: 0.5]")
+@click.option("--lambda-ho", type=float, default=None, help="Holistic (adversarial) weight. [default: 0.1]")
+@click.option("--pa-node", type=float, default=None,
+              help="Pair-wise node size: <1 a fraction of the map (0.5 = 2x2 nodes), >=1 pixels. [default: 0.5]")
+@click.pass_context
+def train_student(ctx: click.Context, config_path: str | None, resume: bool, **kw: Any) -> None:
+    """Train a student from cached teacher outputs (or an online teacher).
+
+    L = CE + 0.4 CE_aux + lambda_pi L_pi + lambda_pa L_pa + lambda_ho L_ho, with the discriminator
+    trained online, one step per student step. The store must come from the same dataset split.
+    """
+    from pipeline.train.trainer import train
+
+    updates = common_train_updates(kw)
+    updates["train"]["out"] = kw["out"] or "runs/student"
+    updates["distill"] = {"losses": parse_terms(kw["losses"]), "lambda_pi": kw["lambda_pi"], "lambda_pa": kw["lambda_pa"],
+                          "lambda_ho": kw["lambda_ho"], "pa_node": kw["pa_node"], "teacher": kw["teacher"],
+                          "cache": kw["cache"]}
+    cfg = build_config(config_path, **updates)
+    if kw["losses"] is None and config_path is None:
+        cfg.distill.losses = ["pi", "pa", "ho"]
+    if cfg.distill.losses and not cfg.distill.teacher and not cfg.distill.cache:
+        cfg.distill.cache = default_cache(cfg.data.dataset, cfg.data.train_split)
+    path = train(cfg, resume=resume, progress=ctx.obj["progress"])
+    click.echo(f"model written to {path}")
+
+
+@cli.command("cache-teacher")
+@data_options
+@click.option("--teacher", type=click.Path(), required=True, help="Teacher checkpoint (skd's, or a plain state_dict with --teacher-arch).")
+@click.option("--teacher-arch", default=None, help="Architecture of a plain state_dict, e.g. pspnet_resnet101.")
+@click.option("--num-classes", type=int, default=None, help="Classes of a plain state_dict. [default: the dataset's]")
+@click.option("--split", default="train", help="Dataset split to cache.")
+@click.option("--cache", "--out", "cache", type=click.Path(), default=None,
+              help="Store to write: a directory, or a path ending in .zip. [default: ./data/<dataset>.zarr]")
+@click.option("--batch-size", type=int, default=None, help="[default: 8]")
+@click.option("--feature-pool", type=int, default=None, help="Max-pool factor for the stored PSP features. [default: 4]")
+@click.option("--teacher-scales", default=None, help="Test-time scales averaged into the stored map, e.g. 0.75,1,1.25. [default: 1]")
+@click.option("--teacher-flip/--no-teacher-flip", default=None, help="Also average the horizontally flipped view.")
+@click.option("--workers", type=int, default=None, help="DataLoader worker processes. [default: 2]")
+@click.option("--device", default=None, help="auto, cpu, cuda ... [default: auto]")
+@click.option("--overwrite", is_flag=True, help="Replace an existing (or partial) store instead of refusing / resuming.")
+@click.pass_context
+def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str | None, data_root: str | None,
+                      teacher: str, teacher_arch: str | None, num_classes: int | None, split: str, cache: str | None,
+                      batch_size: int | None, feature_pool: int | None, teacher_scales: str | None,
+                      teacher_flip: bool | None, workers: int | None, device: str | None, overwrite: bool) -> None:
+    """Run the teacher once over a split and write its outputs to a Zarr v3 store.
+
+    Stores float16 log-probabilities at output stride 8, max-pooled PSP features, image ids, per-image
+    done flags and JSON provenance. An interrupted run resumes where it stopped.
+    """
+    from pipeline.cache.writer import cache_teacher
+    from pipeline.data import build_dataset
+    from pipeline.train.checkpoint import file_sha256, model_from_checkpoint
+    from pipeline.train.trainer import resolve_device
+
+    cfg = build_config(config_path, data={"dataset": dataset, "root": data_root, "workers": workers},
+                       cache={"batch_size": batch_size, "feature_pool": feature_pool,
+                              "teacher_scales": parse_floats(teacher_scales), "teacher_flip": teacher_flip},
+                       train={"device": device})
+    ds = build_dataset(cfg.data.dataset, cfg.data.root, split, **cfg.data.options)
+    arch = {"name": teacher_arch, "num_classes": num_classes or ds.num_classes} if teacher_arch else None
+    model, arch = model_from_checkpoint(teacher, arch)
+    if arch["num_classes"] != ds.num_classes:
+        raise SkdError(f"teacher {teacher} predicts {arch['num_classes']} classes, {cfg.data.dataset} has {ds.num_classes}")
+    info = {**arch, "checkpoint": Path(teacher).name, "weights_sha256": file_sha256(teacher)}
+    out = cache or default_cache(cfg.data.dataset, split)
+    c = cfg.cache
+    path = cache_teacher(model, info, ds, out, batch_size=c.batch_size, device=resolve_device(cfg.train.device),
+                         feature_pool=c.feature_pool, scales=c.teacher_scales, flip=c.teacher_flip,
+                         workers=cfg.data.workers, overwrite=overwrite, progress=ctx.obj["progress"])
+    click.echo(f"teacher cache written to {path}")
+
+
+@cli.command("evaluate")
+@data_options
+@click.option("--checkpoint", type=click.Path(), default=None, help="Model checkpoint to evaluate (student or teacher).")
+@click.option("--cache", type=click.Path(), default=None, help="Evaluate the cached teacher maps in this store instead.")
+@click.option("--split", default="val", help="Dataset split.")
+@click.option("--scales", default="1", help="Test scales, e.g. 0.75,1,1.25 (probabilities averaged).")
+@click.option("--flip", is_flag=True, help="Also average the horizontally flipped image.")
+@click.option("--device", default="auto", help="auto, cpu, cuda ...")
+@click.option("--output", type=click.Path(), default=None, help="Write the results as JSON here.")
+@click.option("--save-images", type=int, default=0, help="Save this many coloured image | truth | prediction PNGs next to --output.")
+@click.option("--name", default=None, help="Row name in the results (default: the checkpoint or store).")
+@click.pass_context
+def evaluate_cmd(ctx: click.Context, config_path: str | None, dataset: str | None, data_root: str | None,
+                 checkpoint: str | None, cache: str | None, split: str, scales: str, flip: bool, device: str,
+                 output: str | None, save_images: int, name: str | None) -> None:
+    """mIoU, pixel accuracy and per-class IoU of a checkpoint or of a teacher cache (--cache).
+
+    Single scale, whole image, no flip by default. Prints a table; --output writes JSON.
+    """
+    from pipeline.cache.store import TeacherStore, redact
+    from pipeline.data import build_dataset
+    from pipeline.evaluate import evaluate_cache, evaluate_model
+    from pipeline.metrics import evaluation_report, format_table
+    from pipeline.train.checkpoint import model_from_checkpoint
+    from pipeline.train.trainer import resolve_device
+
+    if (checkpoint is None) == (cache is None):
+        raise SkdError("give exactly one of --checkpoint or --cache")
+    cfg = build_config(config_path, data={"dataset": dataset, "root": data_root})
+    ds = build_dataset(cfg.data.dataset, cfg.data.root, split, **cfg.data.options)
+    save_dir = Path(output).with_suffix("") if output and save_images else None
+    progress = ctx.obj["progress"]
+    if checkpoint:
+        model, arch = model_from_checkpoint(checkpoint)
+        if arch["num_classes"] != ds.num_classes:
+            raise SkdError(f"{checkpoint} predicts {arch['num_classes']} classes, {cfg.data.dataset} has {ds.num_classes}")
+        cm = evaluate_model(model, ds, resolve_device(device), scales=parse_floats(scales), flip=flip,
+                            progress=progress, save_dir=save_dir, save_images=save_images)
+        source = {"checkpoint": checkpoint, "arch": arch}
+    else:
+        cm = evaluate_cache(TeacherStore(cache), ds, progress=progress, save_dir=save_dir, save_images=save_images)
+        source = {"cache": redact(cache)}
+    report = {"name": name or checkpoint or redact(cache), **source, "dataset": cfg.data.dataset, "split": split,
+              "scales": parse_floats(scales), "flip": flip, **evaluation_report(cm, ds.class_names)}
+    rows = [{"class": c, "IoU": "n/a" if v is None else f"{100 * v:.2f}"} for c, v in report["per_class_iou"].items()]
+    click.echo(format_table(rows, ["class", "IoU"]))
+    click.echo(f"mIoU {100 * report['miou']:.2f}  pixel accuracy {100 * report['pixel_accuracy']:.2f}  "
+               f"({len(ds)} images, {cfg.data.dataset}/{split})")
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(report, indent=2))
+
+
+@cli.command("check-data")
+@data_options
+@click.option("--split", "splits", multiple=True, default=("train", "val"), help="Split(s) to scan.")
+def check_data_cmd(config_path: str | None, dataset: str | None, data_root: str | None, splits: tuple[str, ...]) -> None:
+    """Scan a dataset and report every problem at once (unreadable images, missing or mis-sized labels,
+    label values outside the class range). Exits non-zero when anything is wrong."""
+    from pipeline.data import build_dataset, check_dataset
+
+    cfg = build_config(config_path, data={"dataset": dataset, "root": data_root})
+    problems = []
+    for split in splits:
+        ds = build_dataset(cfg.data.dataset, cfg.data.root, split, **cfg.data.options)
+        found = check_dataset(ds)
+        click.echo(f"{cfg.data.dataset}/{split}: {len(ds)} images, {len(found)} problem(s)")
+        problems += found
+    for p in problems:
+        click.echo(f"  {p}")
+    if problems:
+        raise SystemExit(1)
+
+
+@cli.command("cache-info")
+@click.argument("store")
+def cache_info(store: str) -> None:
+    """Print a teacher cache's provenance and progress."""
+    from pipeline.cache.store import TeacherStore, provenance_json
+
+    s = TeacherStore(store)
+    click.echo(provenance_json(s.attrs))
+    click.echo(f"{s.done_count()}/{len(s)} images cached, complete: {s.complete}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except SkdError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: re-run the same command (with --resume for training) to continue", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

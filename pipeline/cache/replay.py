@@ -1,0 +1,129 @@
+"""Augmentation-consistent replay of cached teacher maps.
+
+The cache holds the teacher's output on the whole, unaugmented image. For each training sample the
+loader knows the crop box in original-image coordinates and the flip (``pipeline.data.transforms``).
+Here the worker reads only the part of the cached maps under that box (one image per read, at the
+cache's low resolution), and the training device resamples it onto the student's output grid with
+``roi_align(aligned=True)``, flips it when the image was flipped, and marks with a validity mask the
+output pixels that fall outside the image (padding), which carry no teacher signal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from pipeline.cache.store import OUTPUT_STRIDE, TeacherStore, logit_size
+from pipeline.data.transforms import AugmentConfig, apply_params, color_jitter, crop_box, sample_params
+
+
+def output_size(crop_hw: tuple[int, int]) -> tuple[int, int]:
+    """The student's stride-8 output grid for an input of ``crop_hw`` pixels."""
+    return math.ceil(crop_hw[0] / OUTPUT_STRIDE), math.ceil(crop_hw[1] / OUTPUT_STRIDE)
+
+
+def valid_mask(box: torch.Tensor, image_hw: tuple[int, int], out_hw: tuple[int, int]) -> torch.Tensor:
+    """True where an output pixel's centre lies inside the original image (box in image pixels)."""
+    x0, y0, x1, y1 = box.tolist()
+    ys = y0 + (torch.arange(out_hw[0], dtype=torch.float64) + 0.5) * (y1 - y0) / out_hw[0]
+    xs = x0 + (torch.arange(out_hw[1], dtype=torch.float64) + 0.5) * (x1 - x0) / out_hw[1]
+    return ((ys >= 0) & (ys < image_hw[0]))[:, None] & ((xs >= 0) & (xs < image_hw[1]))[None, :]
+
+
+def cache_window(box: torch.Tensor, map_hw: tuple[int, int], pool: int) -> tuple[slice, slice]:
+    """Rows/cols of the stride-8 cache grid under ``box`` plus a one-pixel margin for interpolation,
+    widened to the feature pooling grid so that features cut at the same place."""
+    x0, y0, x1, y1 = (box / OUTPUT_STRIDE).tolist()
+
+    def span(lo: float, hi: float, size: int) -> slice:
+        start = max(math.floor(lo) - 1, 0) // pool * pool
+        stop = min(math.ceil(hi) + 1, size)
+        stop = min(math.ceil(stop / pool) * pool, size)
+        return slice(start, max(stop, start + 1))
+
+    return span(y0, y1, map_hw[0]), span(x0, x1, map_hw[1])
+
+
+class TrainingSamples(torch.utils.data.Dataset):
+    """Augmented samples of ``dataset`` with, when a store is given, the cached teacher maps under them.
+
+    Items: ``image`` uint8 3×h×w, ``label`` int64 h×w, ``flip`` bool, ``valid`` bool mask on the output
+    grid, and with a store ``teacher_logits`` / ``teacher_features`` (float16 windows of the cache)
+    with their boxes ``logit_box`` / ``feature_box`` in window coordinates.
+    """
+
+    def __init__(self, dataset, augment: AugmentConfig, store: TeacherStore | None = None, seed: int = 0):
+        self.dataset = dataset
+        self.augment = augment
+        self.store = store
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        image_hw = tuple(item["image"].shape[-2:])
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        params = sample_params(self.augment, image_hw, rng)
+        image, label = apply_params(item["image"], item["label"], params, self.augment.crop_size)
+        image = color_jitter(image, self.augment.color_jitter, rng)
+        out_hw = output_size(tuple(image.shape[-2:]))
+        box = crop_box(params, image_hw, (out_hw[0] * OUTPUT_STRIDE, out_hw[1] * OUTPUT_STRIDE))
+        valid = valid_mask(box, image_hw, out_hw)
+        sample = {"image": image, "label": label, "flip": params.flip, "valid": valid.flip(-1) if params.flip else valid}
+        if self.store is not None:
+            pool = self.store.feature_pool
+            rows, cols = cache_window(box, logit_size(image_hw), pool)
+            logits, features = self.store.read(index, (rows, cols))
+            offset = torch.tensor([cols.start, rows.start, cols.start, rows.start], dtype=torch.float64)
+            sample["teacher_logits"] = torch.from_numpy(logits)
+            sample["teacher_features"] = torch.from_numpy(features)
+            sample["logit_box"] = box / OUTPUT_STRIDE - offset
+            sample["feature_box"] = (box / OUTPUT_STRIDE - offset) / pool
+        return sample
+
+
+def collate(samples: list[dict]) -> dict:
+    batch = {
+        "image": torch.stack([s["image"] for s in samples]),
+        "label": torch.stack([s["label"] for s in samples]),
+        "flip": torch.tensor([s["flip"] for s in samples]),
+        "valid": torch.stack([s["valid"] for s in samples]),
+    }
+    if "teacher_logits" in samples[0]:
+        for key, box in (("teacher_logits", "logit_box"), ("teacher_features", "feature_box")):
+            batch[key] = _pad_stack([s[key] for s in samples])
+            batch[box] = torch.stack([s[box] for s in samples]).float()
+    return batch
+
+
+def _pad_stack(windows: list[torch.Tensor]) -> torch.Tensor:
+    # Replicate padding: roi_align clamps at a map's border, and so must the padded copy.
+    h = max(w.shape[-2] for w in windows)
+    w_ = max(w.shape[-1] for w in windows)
+    return torch.stack([
+        F.pad(w[None].float(), (0, w_ - w.shape[-1], 0, h - w.shape[-2]), mode="replicate")[0].half()
+        if w.shape[-2:] != (h, w_) else w for w in windows
+    ])
+
+
+def replay(maps: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int, int], flip: torch.Tensor) -> torch.Tensor:
+    """Resample each map's box onto an ``out_hw`` grid (bins average their area), then flip as the image was."""
+    rois = torch.cat([torch.arange(len(maps), device=maps.device, dtype=torch.float32)[:, None],
+                      boxes.to(maps.device, torch.float32)], dim=1)
+    out = roi_align(maps.float(), rois, output_size=out_hw, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    flip = flip.to(out.device).view(-1, 1, 1, 1)
+    return torch.where(flip, out.flip(-1), out)
+
+
+def replay_targets(batch: dict, out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher (logits, features) for a collated batch whose cache windows are already on the device."""
+    logits = replay(batch["teacher_logits"], batch["logit_box"], out_hw, batch["flip"])
+    features = replay(batch["teacher_features"], batch["feature_box"], out_hw, batch["flip"])
+    return logits, features

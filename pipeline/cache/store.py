@@ -1,0 +1,224 @@
+"""The teacher cache: one Zarr v3 group per (teacher, dataset split).
+
+Layout (opens with plain ``zarr.open_group``)::
+
+    attrs      JSON provenance: teacher, dataset (name, split, fingerprint, ids), preprocessing,
+               codecs, skd version, creation time, ``complete``
+    logits     (N, C, h, w)  float16  teacher log-probabilities at output stride 8 (valid logits:
+               softmax/argmax are unchanged, and the largest class sits at 0 where float16 is exact)
+    features   (N, F, hf, wf) float16  PSP features, max-pooled by ``feature_pool``
+    image_hw   (N, 2) int32  each image's true size; maps are top-left aligned on a fixed canvas
+    done       (N,) bool     set after an image's maps are written, so a re-run resumes
+
+A store is written to ``<path>.partial`` and renamed (or zipped) only when every image is done,
+so the final path never holds a half-written store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from pipeline.errors import SkdError
+
+FORMAT = "skd-teacher-cache"
+FORMAT_VERSION = 1
+OUTPUT_STRIDE = 8
+# Chunks for stores whose images differ in size: tiles no image touches are never written.
+VARIABLE_SIZE_TILE = 64
+
+LOGITS_CODEC = {"dtype": "float16", "compressor": "blosc", "cname": "zstd", "clevel": 5, "shuffle": "bitshuffle"}
+FEATURES_CODEC = {"dtype": "float16", "compressor": "zstd", "level": 3}  # bitshuffle loses on sparse ReLU maps
+
+
+def redact(url: str) -> str:
+    """A store URL fit for logs: user, password and query string (tokens) removed."""
+    url = re.sub(r"//[^/@]*@", "//", str(url))
+    return url.split("?", 1)[0]
+
+
+def is_remote(url: str) -> bool:
+    return "://" in str(url) and not str(url).startswith("file://")
+
+
+def logit_size(image_hw: Sequence[int]) -> tuple[int, int]:
+    return math.ceil(image_hw[0] / OUTPUT_STRIDE), math.ceil(image_hw[1] / OUTPUT_STRIDE)
+
+
+def feature_size(image_hw: Sequence[int], pool: int) -> tuple[int, int]:
+    h, w = logit_size(image_hw)
+    return math.ceil(h / pool), math.ceil(w / pool)
+
+
+def create_store(
+    path: Path,
+    provenance: dict[str, Any],
+    image_hw: np.ndarray,
+    num_classes: int,
+    feature_channels: int,
+    feature_pool: int,
+) -> zarr.Group:
+    """Create an empty store at ``path`` (a local directory) with all arrays and attributes."""
+    image_hw = np.asarray(image_hw, dtype=np.int32)
+    n = len(image_hw)
+    canvas = logit_size(image_hw.max(axis=0))
+    feat_canvas = feature_size(image_hw.max(axis=0), feature_pool)
+    fixed_size = bool((image_hw == image_hw[0]).all())
+
+    def chunks(channels: int, hw: tuple[int, int]) -> tuple[int, ...]:
+        if fixed_size:
+            return (1, channels, *hw)
+        return (1, channels, min(hw[0], VARIABLE_SIZE_TILE), min(hw[1], VARIABLE_SIZE_TILE))
+
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.attrs.update(
+        {**provenance, "format": FORMAT, "format_version": FORMAT_VERSION, "output_stride": OUTPUT_STRIDE,
+         "feature_pool": feature_pool, "codecs": {"logits": LOGITS_CODEC, "features": FEATURES_CODEC},
+         "complete": False}
+    )
+    group.create_array(
+        "logits", shape=(n, num_classes, *canvas), dtype="float16", chunks=chunks(num_classes, canvas),
+        compressors=BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=2), fill_value=np.nan,
+    )
+    group.create_array(
+        "features", shape=(n, feature_channels, *feat_canvas), dtype="float16",
+        chunks=chunks(feature_channels, feat_canvas), compressors=ZstdCodec(level=3), fill_value=np.nan,
+    )
+    group.create_array("image_hw", data=image_hw, chunks=(max(n, 1), 2))
+    # One chunk per flag: a run killed while writing a flag can only lose that image's flag.
+    group.create_array("done", shape=(n,), dtype="bool", chunks=(1,), fill_value=False)
+    return group
+
+
+class TeacherStore:
+    """Read access to a cache (directory, .zip or fsspec URL), opened lazily in each process.
+
+    ZipStore and fsspec stores opened in a parent process break in forked DataLoader workers, so the
+    group is (re)opened the first time it is used in a process.
+    """
+
+    def __init__(self, url: str | Path, storage_options: dict | None = None):
+        self.url = str(url)
+        self.storage_options = storage_options
+        self._group: zarr.Group | None = None
+        self._pid: int | None = None
+        attrs = dict(self.group.attrs)
+        if attrs.get("format") != FORMAT:
+            raise SkdError(f"{redact(self.url)} is not an skd teacher cache (no '{FORMAT}' format attribute)")
+        if attrs.get("format_version", 0) > FORMAT_VERSION:
+            raise SkdError(f"{redact(self.url)} was written by a newer skd (format {attrs['format_version']})")
+        self.attrs = attrs
+        self.ids: list[str] = list(attrs["dataset"]["ids"])
+        self.num_classes: int = int(attrs["teacher"]["num_classes"])
+        self.feature_pool: int = int(attrs["feature_pool"])
+        self.image_hw: np.ndarray = self.group["image_hw"][:]
+
+    @property
+    def group(self) -> zarr.Group:
+        if self._group is None or self._pid != os.getpid():
+            self._group = _open_group(self.url, self.storage_options)
+            self._pid = os.getpid()
+        return self._group
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_group"] = None  # never ship an open store handle to a worker
+        return state
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    def done_count(self) -> int:
+        return int(self.group["done"][:].sum())
+
+    def read(self, index: int, window: tuple[slice, slice] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Cached (logits, features) of one image as float16 arrays, cut to the image's true extent.
+
+        ``window`` optionally restricts the read to a region of the logit grid (rows, cols); the
+        features are then cut to the matching region of their coarser grid.
+        """
+        h, w = logit_size(self.image_hw[index])
+        fh, fw = feature_size(self.image_hw[index], self.feature_pool)
+        rows, cols = window or (slice(0, h), slice(0, w))
+        p = self.feature_pool
+        frows = slice(rows.start // p, min(math.ceil(rows.stop / p), fh))
+        fcols = slice(cols.start // p, min(math.ceil(cols.stop / p), fw))
+        logits = self.group["logits"][index, :, rows, cols]
+        features = self.group["features"][index, :, frows, fcols]
+        return logits, features
+
+    def check_matches(self, dataset, num_classes: int | None = None) -> None:
+        """Refuse a store that does not belong to ``dataset`` (ids, fingerprint, classes) or is unfinished."""
+        where = redact(self.url)
+        if not self.complete:
+            raise SkdError(f"{where} is incomplete ({self.done_count()}/{len(self)} images cached): "
+                           "re-run skd cache-teacher to finish it")
+        info = self.attrs["dataset"]
+        if info["name"] != dataset.name or info["split"] != dataset.split:
+            raise SkdError(f"{where} caches dataset {info['name']}/{info['split']}, "
+                           f"not {dataset.name}/{dataset.split}")
+        if info["fingerprint"] != dataset.fingerprint:
+            raise SkdError(f"{where} was cached from different files of {dataset.name}/{dataset.split} "
+                           f"(fingerprint {info['fingerprint'][:12]} != {dataset.fingerprint[:12]}): re-run skd cache-teacher")
+        if list(dataset.ids) != self.ids:
+            raise SkdError(f"{where} lists {len(self.ids)} image ids that differ from the dataset's {len(dataset.ids)}")
+        expected = num_classes if num_classes is not None else dataset.num_classes
+        if self.num_classes != expected:
+            raise SkdError(f"{where} holds {self.num_classes}-class teacher logits but {expected} classes were expected")
+
+
+def _open_group(url: str, storage_options: dict | None) -> zarr.Group:
+    try:
+        if url.endswith(".zip") and not is_remote(url):
+            if not Path(url).is_file():
+                raise FileNotFoundError(url)
+            store = zarr.storage.ZipStore(url, mode="r")
+            return zarr.open_group(store, mode="r")
+        if not is_remote(url) and not Path(url).is_dir():
+            partial = Path(url + ".partial")
+            hint = " (a partial store exists: re-run skd cache-teacher to finish it)" if partial.exists() else ""
+            raise SkdError(f"no teacher cache at {url}{hint}")
+        return zarr.open_group(url, mode="r", storage_options=storage_options) if is_remote(url) \
+            else zarr.open_group(url, mode="r")
+    except SkdError:
+        raise
+    except Exception as exc:  # zarr/fsspec raise many types; the user needs the store and the reason
+        raise SkdError(f"cannot open teacher cache {redact(url)}: {type(exc).__name__}: {exc}") from None
+
+
+def finalize(partial: Path, final: Path) -> None:
+    """Mark a fully written store complete and move it to its final place (directory or zip)."""
+    group = zarr.open_group(str(partial), mode="r+")
+    group.attrs["complete"] = True
+    if str(final).endswith(".zip"):
+        tmp = final.with_name(final.name + ".tmp")
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:  # chunks are compressed
+            for file in sorted(partial.rglob("*")):
+                if file.is_file():
+                    zf.write(file, file.relative_to(partial).as_posix())
+        os.replace(tmp, final)
+        shutil.rmtree(partial)
+    else:
+        os.replace(partial, final)
+
+
+def provenance_json(attrs: dict) -> str:
+    """Provenance without the (long) id list, for printing."""
+    shown = json.loads(json.dumps(attrs))
+    shown.get("dataset", {}).pop("ids", None)
+    return json.dumps(shown, indent=2, sort_keys=True)

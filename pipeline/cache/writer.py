@@ -1,0 +1,140 @@
+"""Stage one: run the teacher once over a dataset split and write the cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+import pipeline
+from pipeline.cache.store import create_store, feature_size, finalize, logit_size
+from pipeline.cache.teacher import run_teacher
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from pipeline.errors import SkdError
+
+log = logging.getLogger(__name__)
+
+
+def _collate(items: list[dict]) -> dict:
+    return {"image": torch.stack([it["image"] for it in items]), "index": torch.tensor([it["index"] for it in items])}
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Yields just the image and its position; labels are not needed to cache a teacher."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.dataset[i]["image"], "index": i}
+
+
+def cache_teacher(
+    teacher: nn.Module,
+    teacher_info: dict[str, Any],
+    dataset,
+    out: str | Path,
+    *,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    feature_pool: int = 4,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    workers: int = 2,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write ``teacher``'s outputs on every image of ``dataset`` to the store ``out``.
+
+    Resumes a previous interrupted run of the same teacher on the same data (``<out>.partial``);
+    refuses to mix outputs of a different teacher, dataset or setting into it.
+    """
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    if out.exists():
+        if not overwrite:
+            raise SkdError(f"{out} already exists: pass --overwrite to replace it")
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    provenance = {
+        "teacher": teacher_info,
+        "dataset": {"name": dataset.name, "split": dataset.split, "fingerprint": dataset.fingerprint,
+                    "num_images": len(dataset), "class_names": list(dataset.class_names), "ids": list(dataset.ids)},
+        "preprocessing": {"input": "RGB/255, ImageNet mean/std", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                          "teacher_scales": [float(s) for s in scales], "teacher_flip": bool(flip)},
+        "skd_version": pipeline.__version__,
+        "torch_version": torch.__version__,
+    }
+    provenance = json.loads(json.dumps(provenance))  # compare as it reads back from JSON attributes
+    if partial.exists() and not overwrite:
+        _check_resumable(partial, provenance, feature_pool)
+        group = zarr.open_group(str(partial), mode="r+")
+    else:
+        if partial.exists():
+            shutil.rmtree(partial)
+        image_hw = np.array([dataset.image_size(i) for i in range(len(dataset))], dtype=np.int32)
+        provenance["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        group = create_store(partial, provenance, image_hw, teacher_info["num_classes"],
+                             teacher.feature_channels, feature_pool)
+
+    done = group["done"][:]
+    pending = np.flatnonzero(~done).tolist()
+    if done.any():
+        log.info("resuming %s: %d of %d images already cached", partial, int(done.sum()), len(done))
+    image_hw = group["image_hw"][:]
+    fixed_size = bool((image_hw == image_hw[0]).all())
+    loader = DataLoader(
+        Subset(_Indexed(dataset), pending), batch_size=batch_size if fixed_size else 1, num_workers=workers,
+        collate_fn=_collate, pin_memory=torch.device(device).type == "cuda",
+    )
+    teacher = teacher.to(device).eval()
+    logits_arr, features_arr, done_arr = group["logits"], group["features"], group["done"]
+    with tqdm(total=len(dataset), initial=len(dataset) - len(pending), desc="cache-teacher",
+              unit="img", disable=not progress) as bar:
+        for batch in loader:
+            images = normalize(batch["image"].to(device, non_blocking=True))
+            log_probs, features = run_teacher(teacher, images, scales=scales, flip=flip)
+            features = F.max_pool2d(features, feature_pool, feature_pool, ceil_mode=True) if feature_pool > 1 else features
+            log_probs, features = log_probs.half().cpu().numpy(), features.half().cpu().numpy()
+            for k, index in enumerate(batch["index"].tolist()):
+                h, w = logit_size(image_hw[index])
+                fh, fw = feature_size(image_hw[index], feature_pool)
+                logits_arr[index, :, :h, :w] = log_probs[k]
+                features_arr[index, :, :fh, :fw] = features[k]
+                done_arr[index] = True  # only after the maps are on disk
+            bar.update(len(batch["index"]))
+    finalize(partial, out)
+    log.info("wrote %s", out)
+    return out
+
+
+def _check_resumable(partial: Path, provenance: dict, feature_pool: int) -> None:
+    try:
+        attrs = dict(zarr.open_group(str(partial), mode="r").attrs)
+    except Exception as exc:
+        raise SkdError(f"cannot resume {partial}: {exc}; remove it or pass --overwrite") from None
+    checks = {
+        "teacher": (attrs.get("teacher"), provenance["teacher"]),
+        "dataset": (attrs.get("dataset"), provenance["dataset"]),
+        "preprocessing": (attrs.get("preprocessing"), provenance["preprocessing"]),
+        "feature_pool": (attrs.get("feature_pool"), feature_pool),
+    }
+    for what, (old, new) in checks.items():
+        if old != new:
+            raise SkdError(f"{partial} was started with a different {what}: remove it or pass --overwrite")

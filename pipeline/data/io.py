@@ -1,0 +1,193 @@
+"""Reading images and label maps from disk, with one clear error per problem.
+
+Every failure a user can cause (missing file, truncated or non-image file, label of the wrong size,
+label values that are not class ids) becomes an ``SkdError`` whose message names the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.errors import SkdError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+# Marks a raw label value that has no meaning in a dataset's lookup table.
+INVALID = -1
+
+# Errors Pillow raises for broken files: OSError covers "image file is truncated" and
+# UnidentifiedImageError; SyntaxError and ValueError come from corrupt PNG/JPEG chunks.
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def _open_decoded(path: Path, what: str) -> Image.Image:
+    """Open and fully decode ``path`` (Pillow decodes lazily, so truncation only shows on load)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SkdError(f"{what} file not found: {path}")
+    try:
+        img = Image.open(path)
+        img.load()
+    except _PIL_ERRORS as e:
+        raise SkdError(f"cannot read {what} file {path}: {e}") from None
+    return img
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Read an image as a uint8 tensor 3×H×W in RGB order (grayscale, RGBA and palette converted)."""
+    img = _open_decoded(Path(path), "image")
+    if img.mode != "RGB":
+        try:
+            # RGBA is dropped onto black rather than blended: segmentation keeps the colour values.
+            img = img.convert("RGB")
+        except _PIL_ERRORS as e:
+            raise SkdError(f"cannot convert image file {path} (mode {img.mode}) to RGB: {e}") from None
+    array = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """Read a single-channel label map as int64 H×W with the raw values stored in the file.
+
+    Palette PNGs give their palette indices (the class ids), not their colours.
+    """
+    img = _open_decoded(Path(path), "label")
+    if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
+        raise SkdError(
+            f"label file {path} has mode {img.mode}; expected a single-channel image of class ids "
+            "(8/16-bit grayscale or palette PNG), not a colour image"
+        )
+    return np.asarray(img).astype(np.int64)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image from its header only (no pixel decoding)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SkdError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except _PIL_ERRORS as e:
+        raise SkdError(f"cannot read image file {path}: {e}") from None
+    return height, width
+
+
+def check_same_size(image_path: Path, image_hw: tuple[int, int], label_path: Path, label_hw: tuple[int, int]) -> None:
+    """Raise if a label map does not cover its image pixel for pixel."""
+    if tuple(image_hw) != tuple(label_hw):
+        raise SkdError(
+            f"label file {label_path} is {label_hw[0]}x{label_hw[1]} (HxW) but its image {image_path} "
+            f"is {image_hw[0]}x{image_hw[1]}"
+        )
+
+
+def map_label(raw: np.ndarray, lut: np.ndarray, path: str | Path, allowed: str) -> np.ndarray:
+    """Map raw label values through ``lut`` (raw value -> train id, 255 or INVALID).
+
+    Raises SkdError naming ``path`` and the offending raw values when any pixel is not allowed;
+    ``allowed`` describes the accepted values for the message.
+    """
+    if raw.size == 0:
+        return raw.astype(np.int64)
+    outside = (raw < 0) | (raw >= len(lut))
+    if outside.any():
+        bad = np.unique(raw[outside])
+        raise SkdError(f"label file {path} has values {_list_values(bad)} that are not allowed ({allowed})")
+    mapped = lut[raw]
+    invalid = mapped == INVALID
+    if invalid.any():
+        bad = np.unique(raw[invalid])
+        raise SkdError(f"label file {path} has values {_list_values(bad)} that are not allowed ({allowed})")
+    return mapped
+
+
+def _list_values(values: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(str(int(v)) for v in values[:limit])
+    more = f", ... ({len(values)} distinct)" if len(values) > limit else ""
+    return f"[{shown}{more}]"
+
+
+def make_lut(mapping: dict[int, int], size: int = 256, default: int = INVALID) -> np.ndarray:
+    """A lookup table of ``size`` entries: ``lut[raw] = mapping.get(raw, default)``."""
+    lut = np.full(size, default, dtype=np.int64)
+    for raw, target in mapping.items():
+        lut[raw] = target
+    return lut
+
+
+def require_dir(path: Path, what: str) -> Path:
+    """Return ``path`` if it is a directory, else raise SkdError naming it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SkdError(f"{what} directory not found: {path}")
+    return path
+
+
+def list_images(folder: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS, recursive: bool = False) -> list[Path]:
+    """Image files directly in ``folder`` (or below it, when recursive), sorted by path."""
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in extensions)
+
+
+def pair_by_stem(images: list[Path], labels: list[Path], image_dir: Path, label_dir: Path) -> list[tuple[str, Path, Path]]:
+    """Pair image and label files by their path (relative to their folders) without extension.
+
+    Returns ``(key, image, label)`` sorted by key. Raises SkdError naming the first unpaired or
+    ambiguous file (and how many others there are), so a half-copied dataset is caught at once.
+    """
+    def keyed(files: list[Path], root: Path, what: str) -> dict[str, Path]:
+        out: dict[str, Path] = {}
+        for f in files:
+            key = f.relative_to(root).with_suffix("").as_posix()
+            if key in out:
+                raise SkdError(f"two {what} files share the name {key!r}: {out[key]} and {f}")
+            out[key] = f
+        return out
+
+    image_by_key = keyed(images, image_dir, "image")
+    label_by_key = keyed(labels, label_dir, "label")
+    no_label = sorted(set(image_by_key) - set(label_by_key))
+    if no_label:
+        others = f" (and {len(no_label) - 1} more)" if len(no_label) > 1 else ""
+        raise SkdError(f"image file {image_by_key[no_label[0]]} has no label file in {label_dir}{others}")
+    no_image = sorted(set(label_by_key) - set(image_by_key))
+    if no_image:
+        others = f" (and {len(no_image) - 1} more)" if len(no_image) > 1 else ""
+        raise SkdError(f"label file {label_by_key[no_image[0]]} has no image file in {image_dir}{others}")
+    return [(key, image_by_key[key], label_by_key[key]) for key in sorted(image_by_key)]
+
+
+def files_fingerprint(root: Path, files: list[Path]) -> str:
+    """sha256 over the sorted paths (relative to ``root``) and byte sizes of ``files``.
+
+    Cheap (one stat per file) and independent of where the dataset lives, so a copy of the same
+    files elsewhere has the same fingerprint, while an added, removed or re-encoded file changes it.
+    """
+    entries = sorted((f.relative_to(root).as_posix(), f.stat().st_size) for f in files)
+    digest = hashlib.sha256()
+    for rel, size in entries:
+        digest.update(f"{rel}\t{size}\n".encode())
+    return digest.hexdigest()
+
+
+def voc_colormap(n: int) -> list[tuple[int, int, int]]:
+    """The PASCAL VOC bit-interleaved colour map for ids 1..n (id 0, black, is skipped)."""
+    colours = []
+    for i in range(1, n + 1):
+        r = g = b = 0
+        c = i
+        for shift in range(7, -1, -1):
+            r |= ((c >> 0) & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+            if c == 0:
+                break
+        colours.append((r, g, b))
+    return colours

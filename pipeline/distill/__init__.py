@@ -1,0 +1,1 @@
+"""Distillation losses for semantic segmentation."""

@@ -1,0 +1,95 @@
+"""Discriminator for holistic (adversarial) distillation: a SAGAN-style critic D(Q | I).
+
+Four spectral-norm 4×4 stride-2 convs (in → 64 → 128 → 256 → 512, LeakyReLU 0.1), self-attention
+after the 256- and 512-channel convs, a final plain 4×4 conv to one channel, averaged over the
+remaining positions: one Wasserstein score per image (DESIGN.md §1 "Holistic").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+CONDITIONINGS = ("image", "logits")
+# Four stride-2 convs and a final 4×4 conv (padding 1) leave at least 1×1 from 32×32.
+MIN_SIZE = 32
+
+
+class SelfAttention(nn.Module):
+    """SAGAN self-attention: out = gamma · attention(x) + x, gamma starts at 0 (identity at init)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.query = nn.Conv2d(channels, channels // 8, 1)
+        self.key = nn.Conv2d(channels, channels // 8, 1)
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q = self.query(x).flatten(2).transpose(1, 2)  # B×N×C'
+        k = self.key(x).flatten(2)  # B×C'×N
+        attn = torch.softmax(torch.bmm(q, k), dim=-1)  # B×N×N, row i = weights over positions j
+        v = self.value(x).flatten(2)  # B×C×N
+        out = torch.bmm(v, attn.transpose(1, 2)).view(b, c, h, w)
+        return self.gamma * out + x
+
+
+class Discriminator(nn.Module):
+    """Scores segmentation maps: higher = more teacher-like.
+
+    Args:
+        num_classes: C, channels of the segmentation logits.
+        conditioning: ``"image"`` (the paper's default): input = softmax(logits) concatenated with
+            the RGB image resized to the logit resolution (C + 3 channels). ``"logits"``: raw logits
+            through a BatchNorm2d(C), no image (the later reference code).
+    """
+
+    def __init__(self, num_classes: int, conditioning: str = "image") -> None:
+        super().__init__()
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"unknown discriminator conditioning {conditioning!r}; expected one of {CONDITIONINGS}")
+        self.num_classes = num_classes
+        self.conditioning = conditioning
+        self.input_channels = num_classes + 3 if conditioning == "image" else num_classes
+        self.input_norm = nn.BatchNorm2d(num_classes) if conditioning == "logits" else nn.Identity()
+
+        self.conv1 = spectral_norm(nn.Conv2d(self.input_channels, 64, 4, stride=2, padding=1))
+        self.conv2 = spectral_norm(nn.Conv2d(64, 128, 4, stride=2, padding=1))
+        self.conv3 = spectral_norm(nn.Conv2d(128, 256, 4, stride=2, padding=1))
+        self.attn1 = SelfAttention(256)
+        self.conv4 = spectral_norm(nn.Conv2d(256, 512, 4, stride=2, padding=1))
+        self.attn2 = SelfAttention(512)
+        self.last = nn.Conv2d(512, 1, 4, padding=1)
+
+    def prepare_input(self, seg_logits: Tensor, image: Tensor | None = None) -> Tensor:
+        """The map D actually looks at: [softmax(logits), resized image] or the raw logits."""
+        if seg_logits.dim() != 4 or seg_logits.shape[1] != self.num_classes:
+            raise ValueError(f"expected B×{self.num_classes}×H×W logits, got {tuple(seg_logits.shape)}")
+        if self.conditioning == "logits":
+            return seg_logits
+        if image is None:
+            raise ValueError("conditioning='image' needs the input image")
+        image = F.interpolate(image.to(seg_logits.dtype), size=seg_logits.shape[-2:], mode="bilinear",
+                              align_corners=False, antialias=True)
+        return torch.cat([torch.softmax(seg_logits, dim=1), image], dim=1)
+
+    def score(self, x: Tensor) -> Tensor:
+        """(B,) scores for a prepared input (see ``prepare_input``)."""
+        x = self.input_norm(x)
+        h, w = x.shape[-2:]
+        if h < MIN_SIZE or w < MIN_SIZE:
+            # Replicate padding keeps softmax maps valid distributions at the border.
+            ph, pw = max(0, MIN_SIZE - h), max(0, MIN_SIZE - w)
+            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), mode="replicate")
+        x = F.leaky_relu(self.conv1(x), 0.1)
+        x = F.leaky_relu(self.conv2(x), 0.1)
+        x = self.attn1(F.leaky_relu(self.conv3(x), 0.1))
+        x = self.attn2(F.leaky_relu(self.conv4(x), 0.1))
+        return self.last(x).mean(dim=(1, 2, 3))
+
+    def forward(self, seg_logits: Tensor, image: Tensor | None = None) -> Tensor:
+        """(B,) scores for B×C×h×w logits (and B×3×H×W images with ``conditioning="image"``)."""
+        return self.score(self.prepare_input(seg_logits, image))

@@ -1,0 +1,139 @@
+"""Loading pretrained weights: torchvision ImageNet backbones and reference PSPNet checkpoints.
+
+Models say how a torchvision checkpoint maps onto them with two class attributes:
+``backbone_prefix`` (prepended to checkpoint keys, e.g. ``"backbone."``) and ``backbone_ignore``
+(checkpoint key prefixes that have no place in a segmentation model, e.g. ``"fc."``). Everything
+outside ``head.*`` and ``dsn.*`` is the backbone.
+
+BatchNorm's ``num_batches_tracked`` counters are never reported missing: InPlace-ABN checkpoints
+(the reference code's) do not store them, and they do not affect inference or training with the
+default momentum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.errors import SkdError
+
+HEAD_PREFIXES = ("head.", "dsn.")
+
+
+@dataclass
+class LoadReport:
+    """Keys the model expected but the checkpoint lacked, and checkpoint keys the model has no place for."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        if not self.missing and not self.unexpected:
+            return "all keys matched"
+        return (f"{len(self.missing)} missing key(s){_examples(self.missing)}, "
+                f"{len(self.unexpected)} unexpected key(s){_examples(self.unexpected)}")
+
+
+def _examples(keys: list[str], n: int = 3) -> str:
+    if not keys:
+        return ""
+    more = ", ..." if len(keys) > n else ""
+    return " (" + ", ".join(keys[:n]) + more + ")"
+
+
+def load_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
+    """Read a state_dict from ``path`` (CPU, ``weights_only=True``).
+
+    Accepts a plain state_dict or a dict holding it under ``"model"`` or ``"state_dict"``; a leading
+    ``module.`` (DataParallel / DDP) is stripped. Non-tensor entries are dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SkdError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, not a torch file, pickle with forbidden globals...
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise SkdError(f"cannot read checkpoint {path}: {type(exc).__name__}: {first_line}") from None
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict):
+        raise SkdError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict")
+    state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    if not state:
+        raise SkdError(f"checkpoint {path} holds no tensors")
+    return state
+
+
+def _check_shapes(model_state: dict[str, Tensor], state: dict[str, Tensor], path: str | Path) -> None:
+    for key, value in state.items():
+        if key in model_state and model_state[key].shape != value.shape:
+            raise SkdError(f"checkpoint {path}: {key} has shape {tuple(value.shape)}, "
+                           f"the model expects {tuple(model_state[key].shape)}")
+
+
+def _counts_as_missing(key: str) -> bool:
+    return not key.endswith("num_batches_tracked")
+
+
+def load_backbone(model: nn.Module, path: str | Path) -> LoadReport:
+    """Load an ImageNet checkpoint (torchvision ResNet / MobileNetV2 layout) into ``model``'s backbone.
+
+    Classifier keys (``fc.*``, ``classifier.*``) are ignored; ``missing`` lists backbone keys the
+    file lacks, ``unexpected`` file keys that fit nowhere. Shape mismatches and a file sharing no
+    key with the backbone raise SkdError.
+    """
+    prefix: str = getattr(model, "backbone_prefix", "")
+    ignore: tuple[str, ...] = getattr(model, "backbone_ignore", ())
+    model_state = model.state_dict()
+    backbone_keys = [k for k in model_state if not k.startswith(HEAD_PREFIXES)]
+
+    mapped: dict[str, Tensor] = {}
+    for key, value in load_checkpoint_state(path).items():
+        if key.startswith(ignore):
+            continue
+        # Files saved from an skd model already carry the prefix.
+        mapped[key if key.startswith(prefix) else prefix + key] = value
+    unexpected = [k for k in mapped if k not in backbone_keys]
+    selected = {k: v for k, v in mapped.items() if k in backbone_keys}
+    if not selected:
+        raise SkdError(f"checkpoint {path} shares no key with the {type(model).__name__} backbone "
+                       f"(file keys e.g. {list(mapped)[:3]}, backbone keys e.g. {backbone_keys[:3]})")
+    _check_shapes(model_state, selected, path)
+    model.load_state_dict(selected, strict=False)
+    missing = [k for k in backbone_keys if k not in selected and _counts_as_missing(k)]
+    return LoadReport(missing=missing, unexpected=unexpected)
+
+
+def load_pretrained_backbone(model: nn.Module, path: str | Path) -> LoadReport:
+    """``load_backbone`` that refuses a partial load (used by ``build_model(pretrained_backbone=...)``)."""
+    report = load_backbone(model, path)
+    if report.missing:
+        raise SkdError(f"checkpoint {path} does not cover the {type(model).__name__} backbone: {report}")
+    return report
+
+
+def load_reference_pspnet(model: nn.Module, path: str | Path, strict: bool = True) -> LoadReport:
+    """Load a reference-layout PSPNet state_dict (conv1..3/bn1..3, layer1..4, head.0/1, dsn) into ``model``.
+
+    skd's ResNet PSPNets use exactly that layout, so a matching file loads with nothing missing or
+    unexpected. With ``strict`` (default) any missing or unexpected key raises SkdError; otherwise
+    the matching keys are loaded and the report says what was left out. Shape mismatches always
+    raise SkdError naming the key and both shapes.
+    """
+    state = load_checkpoint_state(path)
+    model_state = model.state_dict()
+    _check_shapes(model_state, state, path)
+    missing = [k for k in model_state if k not in state and _counts_as_missing(k)]
+    unexpected = [k for k in state if k not in model_state]
+    report = LoadReport(missing=missing, unexpected=unexpected)
+    if strict and (missing or unexpected):
+        raise SkdError(f"checkpoint {path} does not match the {type(model).__name__} layout: {report}")
+    model.load_state_dict({k: v for k, v in state.items() if k in model_state}, strict=False)
+    return report

@@ -1,0 +1,68 @@
+"""Colour label maps and save image | ground truth | prediction comparisons as PNG."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch import Tensor
+
+
+def _to_numpy(x) -> np.ndarray:
+    if isinstance(x, Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def colorize(label, palette: list[tuple]) -> np.ndarray:
+    """Map an H×W label map to an H×W×3 uint8 image with ``palette[class]``.
+
+    The ignore value 255, and any value without a palette entry, is drawn black.
+    """
+    lab = _to_numpy(label)
+    if lab.ndim != 2:
+        raise ValueError(f"colorize expects an H×W label map, got shape {lab.shape}")
+    if np.issubdtype(lab.dtype, np.floating):
+        raise ValueError("colorize expects integer class indices, got a floating point array")
+    pal = np.asarray(palette, dtype=np.int64)
+    if pal.ndim != 2 or pal.shape[1] != 3 or (pal.size and (pal.min() < 0 or pal.max() > 255)):
+        raise ValueError("palette entries must be (r, g, b) triples of values in 0..255")
+    pal = pal.astype(np.uint8)
+    lab = lab.astype(np.int64)
+    out = np.zeros(lab.shape + (3,), dtype=np.uint8)
+    known = (lab >= 0) & (lab < len(pal)) & (lab != 255)
+    out[known] = pal[lab[known]]
+    return out
+
+
+def save_comparison(path, image_uint8_3HW, label, pred, palette: list[tuple]) -> None:
+    """Write one PNG: the image, the coloured ground truth and the coloured prediction side by side.
+
+    ``image_uint8_3HW`` is a 3×H×W uint8 image; ``label`` and ``pred`` are H×W. The file is
+    written to a temporary name in the same folder and then renamed, so readers never see a
+    half-written PNG.
+    """
+    image = _to_numpy(image_uint8_3HW)
+    if image.ndim != 3 or image.shape[0] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a 3×H×W uint8 image, got shape {image.shape} and dtype {image.dtype}")
+    image = image.transpose(1, 2, 0)
+    gt = colorize(label, palette)
+    pr = colorize(pred, palette)
+    if gt.shape != image.shape or pr.shape != image.shape:
+        raise ValueError(
+            f"image {image.shape[:2]}, label {gt.shape[:2]} and prediction {pr.shape[:2]} must have the same size"
+        )
+    panel = np.concatenate([image, gt, pr], axis=1)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(np.ascontiguousarray(panel)).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
