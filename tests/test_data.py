@@ -440,20 +440,27 @@ def test_read_image_converts_modes(tmp_path):
 
 
 def test_check_dataset_reports_every_problem(tmp_path):
-    root = make_camvid(tmp_path / "cv", n=5, h=32, w=32)
+    root = make_camvid(tmp_path / "cv", n=6, h=32, w=32)
     ds = CamVid(root, "train")
     assert check_dataset(ds) == []
-    data = (root / "train/img0.png").read_bytes()
-    (root / "train/img0.png").write_bytes(data[: len(data) // 2])  # truncated image
+
+    def truncate(path: Path) -> None:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+    truncate(root / "train/img0.png")  # truncated image
     save(root / "trainannot/img1.png", label_map(30, 32, 1))  # wrong size
     save(root / "trainannot/img2.png", label_map(32, 32, 1, {(0, 0): 40}))  # value out of range
     (root / "trainannot/img3.png").unlink()  # label gone after the dataset was built
+    truncate(root / "train/img4.png")  # two problems in one item: truncated image and bad label
+    save(root / "trainannot/img4.png", label_map(32, 32, 1, {(0, 0): 200}))
     problems = check_dataset(ds)
-    assert len(problems) == 4
-    for name, problem in zip(("train/img0.png", "trainannot/img1.png", "trainannot/img2.png", "trainannot/img3.png"),
-                             problems):
+    expected = ("train/img0.png", "trainannot/img1.png", "trainannot/img2.png", "trainannot/img3.png",
+                "train/img4.png", "trainannot/img4.png")
+    assert len(problems) == len(expected)
+    for name, problem in zip(expected, problems):
         assert name in problem
-    assert "40" in problems[2] and "not found" in problems[3]
+    assert "40" in problems[2] and "not found" in problems[3] and "200" in problems[5]
 
 
 def test_dataset_pickles_for_worker_processes(tmp_path):

@@ -4,14 +4,17 @@ Each scene is a street in one-point perspective: sky, a road and sidewalks conve
 point on a random horizon, building facades with perspective window grids on both sides, far
 buildings or tree lines, and objects standing on the ground (trees, poles with signs or lamps,
 people, vehicles) drawn far to near so that near objects occlude far ones. Sizes follow the ground
-row (an object at ``d`` rows below the horizon is about ``d`` pixels tall per metre of camera height).
+row: with the camera at 1.5 m, an object whose foot is ``d`` rows below the horizon is ``d`` pixels
+tall per 1.5 m of height, so a person is about ``1.1 d`` pixels tall and a car about ``d``.
 
 Colours alone do not separate the classes: road and sidewalk share grey ranges, buildings, vehicles
 and poles share greys, overcast skies are building-grey, windows can reflect the sky, and a lighting
 gradient, a cast shadow, a colour cast and pixel noise are applied over everything. What separates
 them is texture (asphalt grain and lane marks, sidewalk tiles and curbs, window grids, leafy noise,
 smooth sky) and context (position relative to the horizon and the road edges, shapes). So a model
-with more capacity and a larger receptive field does clearly better than a tiny one.
+with more capacity and a larger receptive field does clearly better than a tiny one. Measured at
+96x128 after 400 Adam steps of batch 8 (mIoU on 64 val images): per-pixel MLP on RGB 0.23, two 3x3
+conv layers 0.33, six conv layers with stride 4 and dilations 0.67.
 
 In about one image in five the bottom of the frame shows the car's own bonnet, labelled ignore (255),
 as in Cityscapes' "ego vehicle".
@@ -242,7 +245,7 @@ def generate_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray
     # Objects standing on the ground, drawn far to near so that near ones occlude far ones.
     depth_rows = h - horizon
     objects = []
-    # (kind, how many, farthest and nearest ground row as a fraction of the rows below the horizon)
+    # (kind, how many, nearest ground row as a fraction of the rows below the horizon; farthest 0.09)
     for kind, count, near in ((VEGETATION, rng.integers(0, 4), 1.0), (POLE, rng.integers(1, 4), 1.0),
                               (PERSON, rng.integers(1, 5), 0.95), (VEHICLE, rng.integers(1, 5), 0.8)):
         for _ in range(int(count)):
@@ -281,7 +284,8 @@ def generate_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray
     light = 1 + rng.uniform(-0.45, 0.45) * (xx / w - 0.5) + rng.uniform(-0.45, 0.45) * (yy / h - 0.5)
     angle = rng.uniform(0, 2 * np.pi)
     x0, y0 = rng.uniform(0, w), rng.uniform(horizon, h)
-    shadow = ground & ((xx - x0) * np.cos(angle) + (yy - y0) * np.sin(angle) > 0)
+    # A shadow cast over the ground (road, sidewalks, verges); objects standing there darken with it.
+    shadow = (ground & ~facade) & ((xx - x0) * np.cos(angle) + (yy - y0) * np.sin(angle) > 0)
     if rng.random() < 0.6:
         light = np.where(shadow, light * rng.uniform(0.45, 0.75), light)
     img *= light[..., None]

@@ -44,12 +44,8 @@ def _examples(keys: list[str], n: int = 3) -> str:
     return " (" + ", ".join(keys[:n]) + more + ")"
 
 
-def load_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
-    """Read a state_dict from ``path`` (CPU, ``weights_only=True``).
-
-    Accepts a plain state_dict or a dict holding it under ``"model"`` or ``"state_dict"``; a leading
-    ``module.`` (DataParallel / DDP) is stripped. Non-tensor entries are dropped.
-    """
+def read_checkpoint(path: str | Path) -> dict:
+    """The dict stored at ``path`` (CPU, ``weights_only=True``); any problem is an SkdError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise SkdError(f"checkpoint not found: {path}")
@@ -58,17 +54,41 @@ def load_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
     except Exception as exc:  # truncated zip, not a torch file, pickle with forbidden globals...
         first_line = (str(exc).strip().splitlines() or [""])[0]
         raise SkdError(f"cannot read checkpoint {path}: {type(exc).__name__}: {first_line}") from None
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
     if not isinstance(obj, dict):
-        raise SkdError(f"checkpoint {path} holds a {type(obj).__name__}, not a state_dict")
-    state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+        raise SkdError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
+    return obj
+
+
+def state_dict_of(checkpoint: dict, path: str | Path) -> dict[str, Tensor]:
+    """The model weights in a checkpoint dict: a plain state_dict or the one under ``"model"`` /
+    ``"state_dict"``; a leading ``module.`` (DataParallel / DDP) is stripped, non-tensors dropped."""
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    state = {k.removeprefix("module."): v for k, v in checkpoint.items() if isinstance(k, str) and isinstance(v, Tensor)}
     if not state:
         raise SkdError(f"checkpoint {path} holds no tensors")
     return state
+
+
+def load_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
+    """Read a state_dict from ``path`` (see ``read_checkpoint`` and ``state_dict_of``)."""
+    return state_dict_of(read_checkpoint(path), path)
+
+
+def load_state(model: nn.Module, state: dict[str, Tensor], path: str | Path, strict: bool = True) -> LoadReport:
+    """Load ``state`` into ``model``: shape mismatches always raise SkdError naming the key; with
+    ``strict`` so do missing or unexpected keys."""
+    model_state = model.state_dict()
+    _check_shapes(model_state, state, path)
+    missing = [k for k in model_state if k not in state and _counts_as_missing(k)]
+    unexpected = [k for k in state if k not in model_state]
+    report = LoadReport(missing=missing, unexpected=unexpected)
+    if strict and (missing or unexpected):
+        raise SkdError(f"checkpoint {path} does not match the {type(model).__name__} layout: {report}")
+    model.load_state_dict({k: v for k, v in state.items() if k in model_state}, strict=False)
+    return report
 
 
 def _check_shapes(model_state: dict[str, Tensor], state: dict[str, Tensor], path: str | Path) -> None:
@@ -127,13 +147,4 @@ def load_reference_pspnet(model: nn.Module, path: str | Path, strict: bool = Tru
     the matching keys are loaded and the report says what was left out. Shape mismatches always
     raise SkdError naming the key and both shapes.
     """
-    state = load_checkpoint_state(path)
-    model_state = model.state_dict()
-    _check_shapes(model_state, state, path)
-    missing = [k for k in model_state if k not in state and _counts_as_missing(k)]
-    unexpected = [k for k in state if k not in model_state]
-    report = LoadReport(missing=missing, unexpected=unexpected)
-    if strict and (missing or unexpected):
-        raise SkdError(f"checkpoint {path} does not match the {type(model).__name__} layout: {report}")
-    model.load_state_dict({k: v for k, v in state.items() if k in model_state}, strict=False)
-    return report
+    return load_state(model, load_checkpoint_state(path), path, strict)

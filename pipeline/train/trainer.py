@@ -76,7 +76,6 @@ class Trainer:
         self.progress = progress
         self.device = resolve_device(cfg.train.device)
         self.out = Path(cfg.train.out)
-        torch.manual_seed(cfg.train.seed)
 
         data = cfg.data
         self.dataset = build_dataset(data.dataset, data.root, data.train_split, **data.options)
@@ -98,6 +97,9 @@ class Trainer:
             else:
                 raise SkdError("distillation needs a teacher: pass --cache STORE or --teacher CHECKPOINT")
 
+        # Seeded here, after any teacher was built (its init draws random numbers too), so that the
+        # student starts from the same weights with a cache and with an online teacher.
+        torch.manual_seed(cfg.train.seed)
         self.student = build_model(cfg.model.name, self.dataset.num_classes, width=cfg.model.width,
                                    pretrained_backbone=cfg.model.pretrained_backbone).to(self.device)
         t = cfg.train
@@ -170,6 +172,9 @@ class Trainer:
                 samples, batch_sampler=EpochBatches(len(samples), t.batch_size, t.seed, epoch, start),
                 num_workers=data.workers, collate_fn=collate, pin_memory=data.pin_memory and self.device.type == "cuda",
                 prefetch_factor=data.prefetch_factor if data.workers > 0 else None,
+                # Its own generator: a loader drawing its worker seed from the global RNG would shift
+                # dropout and the gradient penalty after a mid-epoch resume.
+                generator=torch.Generator().manual_seed(t.seed * 100003 + epoch),
             )
             yield from loader
             epoch, start = epoch + 1, 0

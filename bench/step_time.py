@@ -1,0 +1,135 @@
+"""Training step time: student only vs distillation from the cache vs distillation from an online teacher.
+
+Same student, teacher, batch, crop and losses in the three modes; the first iterations (warm-up) are
+excluded. Reports per-iteration wall time through the real data loader (what a user waits for) and
+the time of the step itself, plus the ratios, as JSON.
+
+    python bench/step_time.py --output docs/bench/step_time_cpu.json                 # CPU, small scale
+    python bench/step_time.py --dataset camvid --data-root ../shared/data/camvid \\
+        --teacher runs/camvid-teacher/model.pt --crop 360x480 --device cuda --output step_time_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.cache.writer import cache_teacher  # noqa: E402
+from pipeline.config import Config, merge  # noqa: E402
+from pipeline.data import build_dataset  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
+from pipeline.train.checkpoint import file_sha256, model_from_checkpoint, save_checkpoint  # noqa: E402
+from pipeline.train.trainer import Trainer, resolve_device  # noqa: E402
+
+
+def time_mode(cfg: Config, warmup: int, iterations: int) -> dict:
+    trainer = Trainer(cfg, progress=False)
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    batches = trainer.batches()
+    steps, walls = [], []
+    last = time.perf_counter()
+    for i in range(warmup + iterations):
+        batch = next(batches)
+        sync()
+        tic = time.perf_counter()
+        trainer.step(batch)
+        sync()
+        now = time.perf_counter()
+        if i >= warmup:
+            steps.append(now - tic)
+            walls.append(now - last)
+        last = now
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {"step_s": median(steps), "iteration_s": median(walls), "mean_iteration_s": sum(walls) / len(walls)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--size", default="192x256", help="synthetic image size HxW")
+    p.add_argument("--student", default="pspnet_resnet18")
+    p.add_argument("--student-width", type=float, default=0.5)
+    p.add_argument("--teacher", default=None, help="teacher checkpoint; default: a randomly initialised --teacher-arch")
+    p.add_argument("--teacher-arch", default="pspnet_resnet50")
+    p.add_argument("--teacher-width", type=float, default=0.5)
+    p.add_argument("--cache", default=None, help="existing store of that teacher; default: cached here first")
+    p.add_argument("--losses", default="pi,pa,ho")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop", default="128x128")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iterations", type=int, default=20)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", default=None)
+    args = p.parse_args()
+
+    device = resolve_device(args.device)
+    options = {"size": [int(v) for v in args.size.split("x")], "length": 64} if args.dataset == "synthetic" else {}
+    dataset = build_dataset(args.dataset, args.data_root, "train", **options)
+    tmp = Path(tempfile.mkdtemp(prefix="skd-bench-"))
+    teacher_path = args.teacher
+    if teacher_path is None:
+        arch = {"name": args.teacher_arch, "num_classes": dataset.num_classes, "width": args.teacher_width}
+        teacher_path = str(tmp / "teacher.pt")
+        save_checkpoint(teacher_path, {"arch": arch, "model": build_model(**arch).state_dict()})
+    cache = args.cache
+    if cache is None:
+        teacher, arch = model_from_checkpoint(teacher_path)
+        cache = str(tmp / "cache.zarr")
+        cache_teacher(teacher, {**arch, "weights_sha256": file_sha256(teacher_path)}, dataset, cache,
+                      device=device, feature_pool=4, progress=False)
+
+    base = {
+        "data": {"dataset": args.dataset, "root": args.data_root, "options": options,
+                 "crop_size": [int(v) for v in args.crop.split("x")], "scale_range": [0.5, 2.0], "flip": True,
+                 "workers": args.workers},
+        "model": {"name": args.student, "width": args.student_width},
+        "train": {"iterations": 10**6, "batch_size": args.batch_size, "device": str(device), "log_every": 10**6,
+                  "checkpoint_every": 10**6},
+    }
+    losses = args.losses.split(",")
+    modes = {
+        "student_only": {"distill": {"losses": []}},
+        "cached_kd": {"distill": {"losses": losses, "cache": cache}},
+        "online_kd": {"distill": {"losses": losses, "teacher": teacher_path}},
+    }
+    results = {}
+    for name, extra in modes.items():
+        cfg = merge(Config(), {**base, **extra, "train": {**base["train"], "out": str(tmp / name)}})
+        results[name] = time_mode(cfg, args.warmup, args.iterations)
+        print(f"{name:13s} step {results[name]['step_s'] * 1e3:8.1f} ms   iteration {results[name]['iteration_s'] * 1e3:8.1f} ms",
+              flush=True)
+    ref = results["student_only"]
+    for name in ("cached_kd", "online_kd"):
+        results[name]["step_ratio"] = results[name]["step_s"] / ref["step_s"]
+        results[name]["iteration_ratio"] = results[name]["iteration_s"] / ref["iteration_s"]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = None
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "commit": commit, "command": " ".join(sys.argv), "torch": torch.__version__,
+        "student": f"{args.student} x{args.student_width}", "teacher": teacher_path if args.teacher else f"{args.teacher_arch} x{args.teacher_width} (random init)",
+        "dataset": args.dataset, "batch_size": args.batch_size, "crop": args.crop, "losses": losses,
+        "warmup": args.warmup, "iterations": args.iterations, "results": results,
+    }
+    print(json.dumps({k: results[k].get("iteration_ratio") for k in ("cached_kd", "online_kd")}))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

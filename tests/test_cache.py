@@ -1,0 +1,327 @@
+"""The teacher cache: store layout and provenance, fidelity, resume, refusals, zip stores, TTA."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+
+import pipeline
+from pipeline.cache.store import TeacherStore, create_store, redact
+from pipeline.cache.teacher import run_teacher
+from pipeline.cache.writer import cache_teacher
+from pipeline.data import build_dataset
+from pipeline.data.transforms import normalize
+from pipeline.errors import SkdError
+from pipeline.evaluate import evaluate_cache, evaluate_model
+from pipeline.models import build_model
+from pipeline.train.checkpoint import model_from_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Neither dimension is a multiple of 8 (44 / 8 = 5.5, 60 / 8 = 7.5), so the stride-8 grid is a ceil.
+SIZE = (44, 60)
+LENGTH = 6
+POOL = 3  # 6x8 logit grid -> ceil(6/3) x ceil(8/3) = 2x3 feature grid
+LOGIT_HW = (6, 8)
+FEATURE_HW = (2, 3)
+TEACHER_ARCH = {"name": "pspnet_resnet18", "num_classes": 8, "width": 0.25}
+
+
+def make_teacher(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    save_checkpoint(path, {"arch": TEACHER_ARCH, "model": build_model(**TEACHER_ARCH).state_dict()})
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def teacher_info(path: Path) -> dict:
+    """What the command line records about a teacher checkpoint."""
+    return {**TEACHER_ARCH, "checkpoint": path.name, "weights_sha256": sha256(path)}
+
+
+def write_config(path: Path, size: tuple[int, int], length: int) -> Path:
+    path.write_text(yaml.safe_dump({"data": {"dataset": "synthetic", "options": {"size": list(size), "length": length}}}))
+    return path
+
+
+def cli_args(config: Path, teacher: Path, out: Path, split: str, batch_size: int, pool: int) -> list[str]:
+    return [sys.executable, "-m", "cli", "cache-teacher", "--config", str(config), "--teacher", str(teacher),
+            "--split", split, "--cache", str(out), "--batch-size", str(batch_size), "--feature-pool", str(pool),
+            "--workers", "0", "--device", "cpu"]
+
+
+def run_cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt", seed=0)
+
+
+@pytest.fixture(scope="module")
+def val_set():
+    return build_dataset("synthetic", None, "val", size=SIZE, length=LENGTH)
+
+
+@pytest.fixture(scope="module")
+def val_store(tmp_path_factory, teacher_ckpt) -> Path:
+    """The val split cached by the command line (which computes the checksum itself)."""
+    tmp = tmp_path_factory.mktemp("store")
+    out = tmp / "val.zarr"
+    result = run_cli(cli_args(write_config(tmp / "data.yaml", SIZE, LENGTH), teacher_ckpt, out, "val", 4, POOL))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def teacher_float32(teacher_ckpt: Path, dataset) -> torch.Tensor:
+    """The teacher's float32 logits on every image, computed here without the cache code."""
+    model, _ = model_from_checkpoint(teacher_ckpt)
+    model.eval()
+    with torch.no_grad():
+        images = torch.stack([dataset[i]["image"] for i in range(len(dataset))]).float() / 255.0
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        return model((images - mean) / std).logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout and provenance
+# ---------------------------------------------------------------------------------------------
+
+
+def test_store_round_trip(val_store, teacher_ckpt, val_set):
+    assert val_store.is_dir()
+    assert not val_store.with_name(val_store.name + ".partial").exists()
+
+    group = zarr.open_group(str(val_store), mode="r")
+    logits, features = group["logits"], group["features"]
+    assert logits.shape == (LENGTH, 8, *LOGIT_HW) and logits.dtype == np.float16
+    assert features.shape[0] == LENGTH and features.shape[2:] == FEATURE_HW and features.dtype == np.float16
+    assert features.shape[1] == build_model(**TEACHER_ARCH).feature_channels
+    assert (group["image_hw"][:] == np.array([SIZE] * LENGTH)).all()
+    assert group["done"][:].dtype == bool and group["done"][:].all()
+    assert np.isfinite(logits[:]).all() and np.isfinite(features[:]).all()  # every image written
+
+    attrs = dict(group.attrs)
+    assert attrs["complete"] is True
+    assert attrs["teacher"]["name"] == "pspnet_resnet18"
+    assert attrs["teacher"]["num_classes"] == 8
+    assert attrs["teacher"]["weights_sha256"] == sha256(teacher_ckpt)
+    ds = attrs["dataset"]
+    assert (ds["name"], ds["split"]) == ("synthetic", "val")
+    assert ds["fingerprint"] == val_set.fingerprint
+    assert ds["ids"] == [f"synthetic/val/{i:06d}" for i in range(LENGTH)] == list(val_set.ids)
+    pre = attrs["preprocessing"]
+    assert pre["mean"] == pytest.approx([0.485, 0.456, 0.406]) and pre["std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert pre["teacher_scales"] == [1.0] and pre["teacher_flip"] is False
+    assert attrs["codecs"]["logits"]["dtype"] == "float16" and attrs["codecs"]["features"]["dtype"] == "float16"
+    assert attrs["feature_pool"] == POOL
+    assert attrs["skd_version"] == pipeline.__version__
+    time.strptime(attrs["created"][:19], "%Y-%m-%dT%H:%M:%S")  # an ISO time stamp
+
+    # The reader gives the same arrays, cut to the image's true extent.
+    store = TeacherStore(val_store)
+    store.check_matches(val_set)
+    cached_logits, cached_features = store.read(2)
+    np.testing.assert_array_equal(cached_logits, logits[2])
+    np.testing.assert_array_equal(cached_features, features[2])
+
+
+def test_stored_logits_match_float32_teacher(val_store, teacher_ckpt, val_set):
+    reference = teacher_float32(teacher_ckpt, val_set)  # (N, C, 6, 8)
+    stored = torch.from_numpy(zarr.open_group(str(val_store), mode="r")["logits"][:]).float()
+    assert stored.shape == reference.shape
+
+    agree = (stored.argmax(1) == reference.argmax(1)).float().mean().item()
+    assert agree >= 0.999
+    # The store holds log-probabilities: the probabilities themselves come back by exp.
+    torch.testing.assert_close(stored.exp().sum(1), torch.ones(LENGTH, *LOGIT_HW), atol=3e-3, rtol=0)
+    torch.testing.assert_close(stored.softmax(1), reference.softmax(1), atol=1e-3, rtol=0)
+
+
+def test_evaluate_cache_matches_evaluate_model(val_store, teacher_ckpt, val_set):
+    model, _ = model_from_checkpoint(teacher_ckpt)
+    from_model = evaluate_model(model, val_set, progress=False)
+    from_cache = evaluate_cache(TeacherStore(val_store), val_set, progress=False)
+    total = from_model.matrix.sum().item()
+    assert total == from_cache.matrix.sum().item() > 0
+    # float16 may move a pixel or two on a near tie between classes, nothing more.
+    assert (from_model.matrix - from_cache.matrix).abs().sum().item() <= 2 * max(1, round(0.001 * total))
+    assert from_cache.miou() == pytest.approx(from_model.miou(), abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume
+# ---------------------------------------------------------------------------------------------
+
+
+def test_resume_after_kill(tmp_path, teacher_ckpt):
+    size, length = (64, 96), 32
+    config = write_config(tmp_path / "data.yaml", size, length)
+    out = tmp_path / "train.zarr"
+    partial = tmp_path / "train.zarr.partial"
+    args = cli_args(config, teacher_ckpt, out, "train", 1, 2)
+
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_before_kill = 0
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                done_before_kill = int(zarr.open_group(str(partial), mode="r")["done"][:].sum())
+            except Exception:  # the store is still being created
+                done_before_kill = 0
+            if done_before_kill > 0:
+                break
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert 0 < done_before_kill < length, f"could not interrupt the run part-way ({done_before_kill}/{length} done)"
+    assert not out.exists()
+    assert partial.is_dir()
+    done_at_kill = int(zarr.open_group(str(partial), mode="r")["done"][:].sum())
+    assert 0 < done_at_kill < length
+
+    # A different teacher must not be mixed into the partial store.
+    other = make_teacher(tmp_path / "other.pt", seed=1)
+    assert sha256(other) != sha256(teacher_ckpt)
+    dataset = build_dataset("synthetic", None, "train", size=size, length=length)
+    other_model, _ = model_from_checkpoint(other)
+    with pytest.raises(SkdError, match="different teacher"):
+        cache_teacher(other_model, teacher_info(other), dataset, out, batch_size=1, feature_pool=2, workers=0,
+                      progress=False)
+    assert not out.exists() and int(zarr.open_group(str(partial), mode="r")["done"][:].sum()) == done_at_kill
+
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    assert f"{done_at_kill} of {length}" in resumed.stderr
+    assert out.is_dir() and not partial.exists()
+
+    # An uninterrupted run of the same teacher gives the very same maps.
+    model, _ = model_from_checkpoint(teacher_ckpt)
+    reference = cache_teacher(model, teacher_info(teacher_ckpt), dataset, tmp_path / "reference.zarr",
+                              batch_size=1, feature_pool=2, workers=0, progress=False)
+    got, want = zarr.open_group(str(out), mode="r"), zarr.open_group(str(reference), mode="r")
+    assert got["done"][:].all() and got.attrs["complete"] is True
+    np.testing.assert_array_equal(got["logits"][:], want["logits"][:])
+    np.testing.assert_array_equal(got["features"][:], want["features"][:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals
+# ---------------------------------------------------------------------------------------------
+
+
+def test_check_matches_refuses_other_data(val_store, val_set):
+    store = TeacherStore(val_store)
+    store.check_matches(val_set)  # the right data passes
+
+    other_seed = build_dataset("synthetic", None, "val", size=SIZE, length=LENGTH, seed=1)
+    assert other_seed.ids == val_set.ids  # only the content differs
+    with pytest.raises(SkdError, match="fingerprint"):
+        store.check_matches(other_seed)
+
+    other_split = build_dataset("synthetic", None, "train", size=SIZE, length=LENGTH)
+    with pytest.raises(SkdError, match="synthetic/val, not synthetic/train"):
+        store.check_matches(other_split)
+
+    with pytest.raises(SkdError, match="8-class.*5 classes"):
+        store.check_matches(val_set, num_classes=5)
+
+
+def test_incomplete_store_is_refused(tmp_path, val_store, val_set):
+    complete = TeacherStore(val_store)
+    out = tmp_path / "val.zarr"
+    partial = tmp_path / "val.zarr.partial"
+    provenance = {k: v for k, v in complete.attrs.items() if k in ("teacher", "dataset", "preprocessing")}
+    group = create_store(partial, provenance, complete.image_hw, 8, 16, POOL)
+    group["done"][0] = True
+
+    with pytest.raises(SkdError, match=r"incomplete \(1/6 images cached\)"):
+        TeacherStore(partial).check_matches(val_set)
+    # The final path does not exist yet: the message points at the partial store.
+    with pytest.raises(SkdError, match="partial store exists"):
+        TeacherStore(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Zip stores, missing stores, URLs in messages
+# ---------------------------------------------------------------------------------------------
+
+
+def test_zip_store_reads_like_directory(tmp_path, val_store, teacher_ckpt, val_set):
+    model, _ = model_from_checkpoint(teacher_ckpt)
+    out = tmp_path / "val.zip"
+    cache_teacher(model, teacher_info(teacher_ckpt), val_set, out, batch_size=4, feature_pool=POOL, workers=0,
+                  progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["val.zip"]  # no partial or temporary left
+    assert out.is_file() and zipfile.is_zipfile(out)
+
+    zipped, directory = TeacherStore(out), TeacherStore(val_store)
+    zipped.check_matches(val_set)
+    assert zipped.complete and zipped.ids == directory.ids and zipped.feature_pool == POOL
+    for i in range(LENGTH):
+        for a, b in zip(zipped.read(i), directory.read(i)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_missing_store_and_redaction(tmp_path):
+    with pytest.raises(SkdError, match="no teacher cache"):
+        TeacherStore(tmp_path / "nothing.zarr")
+    with pytest.raises(SkdError, match="nothing.zip"):
+        TeacherStore(tmp_path / "nothing.zip")
+
+    shown = redact("s3://user:secret@host/bucket/store.zarr?token=x")
+    assert "secret" not in shown and "token" not in shown and "user" not in shown
+    assert shown == "s3://host/bucket/store.zarr"
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-time augmentation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_run_teacher_flip_and_scales(teacher_ckpt, val_set):
+    model, _ = model_from_checkpoint(teacher_ckpt)
+    image = normalize(val_set[0]["image"])[None]
+    flipped = image.flip(-1)
+
+    log_probs, features = run_teacher(model, image, flip=True)
+    log_probs_f, features_f = run_teacher(model, flipped, flip=True)
+    assert log_probs.shape == (1, 8, *LOGIT_HW)
+    torch.testing.assert_close(log_probs_f, log_probs.flip(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(features_f, features.flip(-1), atol=1e-5, rtol=1e-5)
+    # Without the flip view the teacher itself is not symmetric (so the check above means something).
+    plain, _ = run_teacher(model, image)
+    plain_f, _ = run_teacher(model, flipped)
+    assert (plain_f - plain.flip(-1)).abs().max() > 1e-3
+
+    log_probs, features = run_teacher(model, image, scales=(0.5, 1.0))
+    assert log_probs.shape == (1, 8, *LOGIT_HW)
+    assert features.shape[-2:] == LOGIT_HW
+    # The probabilities are the mean of the two views' probabilities on the stride-8 grid of the image.
+    with torch.no_grad():
+        half = torch.nn.functional.interpolate(image, size=(22, 30), mode="bilinear", align_corners=False)
+        half_logits = torch.nn.functional.interpolate(model(half).logits, size=LOGIT_HW, mode="bilinear",
+                                                      align_corners=False)
+        full = model(image)
+    expected = (half_logits.softmax(1) + full.logits.softmax(1)) / 2
+    torch.testing.assert_close(log_probs.exp(), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(features, full.features, atol=1e-5, rtol=1e-4)  # features of the scale-1 view

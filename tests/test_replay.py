@@ -1,0 +1,222 @@
+"""Augmentation replay: cached teacher maps resampled to each crop must equal the teacher on that crop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pipeline.cache.replay as replay_module
+from pipeline.cache.replay import TrainingSamples, collate, replay_targets, valid_mask
+from pipeline.cache.store import TeacherStore, create_store, finalize
+from pipeline.cache.writer import cache_teacher
+from pipeline.config import Config, merge
+from pipeline.data import build_dataset
+from pipeline.data.transforms import AugmentConfig, CropParams, crop_box, normalize
+from pipeline.distill.losses import pairwise_loss, pixelwise_loss
+from pipeline.models.outputs import SegOutput
+from pipeline.train.checkpoint import file_sha256, model_from_checkpoint
+from pipeline.train.trainer import Trainer
+
+
+class PooledTeacher(nn.Module):
+    """A teacher that is exactly translation-equivariant at stride 8: 1×1 convs on 8×8 average pools.
+
+    Its output on a crop aligned to the 8-pixel grid is exactly the matching part of its output on
+    the whole image, so replay has a ground truth to match.
+    """
+
+    output_stride = 8
+    num_classes = 8
+    feature_channels = 6
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.classifier = nn.Conv2d(3, self.num_classes, 1)
+        self.embed = nn.Conv2d(3, self.feature_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> SegOutput:
+        pooled = F.avg_pool2d(x, 8, ceil_mode=True)
+        return SegOutput(logits=3 * self.classifier(pooled), aux=None, features=self.embed(pooled))
+
+
+def force_params(monkeypatch, params: list[CropParams]) -> None:
+    """Make TrainingSamples use the given augmentation parameters, one per item read, in order."""
+    queue = iter(params)
+    monkeypatch.setattr(replay_module, "sample_params", lambda cfg, image_hw, rng: next(queue))
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay equals the teacher on the crop
+# ---------------------------------------------------------------------------------------------
+
+
+def test_replay_of_grid_aligned_crop_equals_teacher_on_crop(tmp_path, monkeypatch):
+    dataset = build_dataset("synthetic", None, "train", size=(48, 64), length=2)
+    teacher = PooledTeacher().eval()
+    info = {"name": "pooled", "num_classes": 8, "weights_sha256": "0" * 64}
+    store = TeacherStore(cache_teacher(teacher, info, dataset, tmp_path / "pooled.zarr", batch_size=2,
+                                       feature_pool=1, workers=0, progress=False))
+    store.check_matches(dataset)
+
+    # Scale 1, crop 32x40 at (top 16, left 24): on the 8-pixel grid. Image 0 as is, image 1 flipped.
+    force_params(monkeypatch, [CropParams((48, 64), 16, 24, False), CropParams((48, 64), 16, 24, True)])
+    samples = TrainingSamples(dataset, AugmentConfig(crop_size=(32, 40)), store)
+    items = [samples[0], samples[1]]
+    for i, item in enumerate(items):
+        crop = dataset[i]["image"][:, 16:48, 24:64]
+        assert torch.equal(item["image"], crop.flip(-1) if i == 1 else crop)
+        assert item["valid"].all()
+    batch = collate(items)
+    t_logits, t_features = replay_targets(batch, (4, 5))
+    assert t_logits.shape == (2, 8, 4, 5) and t_features.shape == (2, 6, 4, 5)
+
+    with torch.no_grad():
+        on_crops = teacher(normalize(batch["image"]))
+        unflipped = teacher(normalize(items[1]["image"].flip(-1))[None])
+    torch.testing.assert_close(t_logits.log_softmax(1), on_crops.logits.log_softmax(1), atol=1e-2, rtol=0)
+    torch.testing.assert_close(t_features, on_crops.features, atol=1e-2, rtol=0)
+    # The flipped sample's target is the mirror image of the teacher on the unflipped crop.
+    torch.testing.assert_close(t_logits[1].log_softmax(0), unflipped.logits[0].log_softmax(0).flip(-1), atol=1e-2, rtol=0)
+    torch.testing.assert_close(t_features[1], unflipped.features[0].flip(-1), atol=1e-2, rtol=0)
+    # ... and differs from the unmirrored one (the flip is not a no-op on this data).
+    assert (t_logits[1] - unflipped.logits[0].log_softmax(0)).abs().max() > 0.1
+
+
+def test_replay_of_scaled_crop_samples_a_ramp_bilinearly(tmp_path, monkeypatch):
+    """A linear ramp stored in the cache comes back at each output pixel's centre.
+
+    Image 48x64 at scale 2 (96x128), crop 32x40 at (top 48, left 64), student grid 4x5. Output pixel
+    (i, j) is centred on scaled pixel (48 + 8i + 4, 64 + 8j + 4), i.e. original pixel
+    (26 + 4i, 34 + 4j). On the stride-8 cache grid, whose cell k is centred on pixel 8k + 4, that is
+    cell coordinate (26 + 4i)/8 - 0.5 = 2.75 + 0.5i and (34 + 4j)/8 - 0.5 = 3.75 + 0.5j; on the
+    feature grid pooled by 2 (cell k centred on pixel 16k + 8) it is 1.125 + 0.25i and 1.625 + 0.25j.
+    A bilinear sample of m[y, x] = x + 10y there is exactly that coordinate pair combined.
+    """
+    dataset = build_dataset("synthetic", None, "train", size=(48, 64), length=1)
+    provenance = {"teacher": {"name": "ramp", "num_classes": 2},
+                  "dataset": {"name": dataset.name, "split": dataset.split, "fingerprint": dataset.fingerprint,
+                              "ids": list(dataset.ids)}}
+    partial = tmp_path / "ramp.zarr.partial"
+    group = create_store(partial, provenance, np.array([[48, 64]]), num_classes=2, feature_channels=1, feature_pool=2)
+    y, x = np.mgrid[0:6, 0:8].astype(np.float16)
+    group["logits"][0] = np.stack([x + 10 * y, -(x + 10 * y)])
+    fy, fx = np.mgrid[0:3, 0:4].astype(np.float16)
+    group["features"][0] = (fx + 10 * fy)[None]
+    group["done"][0] = True
+    finalize(partial, tmp_path / "ramp.zarr")
+    store = TeacherStore(tmp_path / "ramp.zarr")
+
+    i = torch.arange(4, dtype=torch.float32)[:, None]
+    j = torch.arange(5, dtype=torch.float32)[None, :]
+    logit_ramp = (3.75 + 0.5 * j) + 10 * (2.75 + 0.5 * i)
+    feature_ramp = (1.625 + 0.25 * j) + 10 * (1.125 + 0.25 * i)
+
+    params = CropParams((96, 128), 48, 64, False)
+    force_params(monkeypatch, [params, CropParams((96, 128), 48, 64, True)])
+    samples = TrainingSamples(dataset, AugmentConfig(crop_size=(32, 40), scale_range=(2.0, 2.0)), store)
+    items = [samples[0], samples[0]]
+    # Only the cache under the crop is read: on the 6x8 grid the box spans rows 3..5, cols 4..6.5; with
+    # a one-cell margin, widened to the pooling grid, that is rows 2..6, cols 2..8 (features 1..3, 1..4).
+    assert items[0]["teacher_logits"].shape == (2, 4, 6) and items[0]["teacher_features"].shape == (1, 2, 3)
+    assert torch.equal(crop_box(params, (48, 64), (32, 40)), torch.tensor([32.0, 24.0, 52.0, 40.0], dtype=torch.float64))
+
+    t_logits, t_features = replay_targets(collate(items), (4, 5))
+    torch.testing.assert_close(t_logits[0, 0], logit_ramp, atol=1e-4, rtol=0)
+    torch.testing.assert_close(t_logits[0, 1], -logit_ramp, atol=1e-4, rtol=0)
+    torch.testing.assert_close(t_features[0, 0], feature_ramp, atol=1e-4, rtol=0)
+    # The flipped sample sees the crop mirrored.
+    torch.testing.assert_close(t_logits[1, 0], logit_ramp.flip(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(t_features[1, 0], feature_ramp.flip(-1), atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Padding
+# ---------------------------------------------------------------------------------------------
+
+
+def test_padding_is_invalid_and_ignored_by_losses(monkeypatch):
+    # A 64x80 crop of a 40x56 image: padded to 64x80, student grid 8x10. Output row i is centred on
+    # pixel 8i + 4, inside the image for 8i + 4 < 40, i.e. i <= 4; columns: 8j + 4 < 56, j <= 6.
+    dataset = build_dataset("synthetic", None, "train", size=(40, 56), length=1)
+    force_params(monkeypatch, [CropParams((40, 56), 0, 0, False), CropParams((40, 56), 0, 0, True)])
+    samples = TrainingSamples(dataset, AugmentConfig(crop_size=(64, 80)))
+    plain, flipped = samples[0], samples[0]
+    assert plain["image"].shape == (3, 64, 80)
+    expected = torch.zeros(8, 10, dtype=torch.bool)
+    expected[:5, :7] = True
+    assert plain["valid"].sum() == 35
+    assert torch.equal(plain["valid"], expected)
+    assert torch.equal(flipped["valid"], expected.flip(-1))  # padding is on the left once mirrored
+    # The padded label is ignore exactly outside the image.
+    assert (plain["label"][40:] == 255).all() and (plain["label"][:, 56:] == 255).all()
+    assert (plain["label"][:40, :56] != 255).any()
+    # The same mask straight from the box (in original pixels).
+    assert torch.equal(valid_mask(torch.tensor([0.0, 0.0, 80.0, 64.0], dtype=torch.float64), (40, 56), (8, 10)), expected)
+
+    valid = torch.stack([plain["valid"], flipped["valid"]])
+    invalid = ~valid[:, None]
+    g = torch.Generator().manual_seed(0)
+    s_logits, t_logits = torch.randn(2, 8, 8, 10, generator=g), torch.randn(2, 8, 8, 10, generator=g)
+    s_feat, t_feat = torch.randn(2, 16, 8, 10, generator=g), torch.randn(2, 12, 8, 10, generator=g)
+
+    def scramble(x: torch.Tensor) -> torch.Tensor:
+        noise = 1000 * torch.randn(x.shape, generator=g)
+        return torch.where(invalid.expand_as(x), noise, x)
+
+    def losses(sl, tl, sf, tf):
+        return [pixelwise_loss(sl, tl, 1.0, valid), pixelwise_loss(sl, tl, 4.0, valid)] + \
+            [pairwise_loss(sf, tf, node, valid) for node in (1, 2, (4, 5))]
+
+    before = losses(s_logits, t_logits, s_feat, t_feat)
+    after = losses(scramble(s_logits), scramble(t_logits), scramble(s_feat), scramble(t_feat))
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # A change inside the image does change every loss.
+    s_logits[:, 0, 0, 0] += 5  # one class only: a shift of all classes leaves the softmax as it is
+    s_feat[:, 0, 0, 0] += 10  # large enough to win the max of its node
+    changed = losses(s_logits, t_logits, s_feat, t_feat)
+    assert all((a - b).abs() > 1e-4 for a, b in zip(before, changed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached and online teachers give the same training step
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cached_and_online_teacher_give_same_losses(tmp_path: Path, tiny_teacher: Path):
+    options = {"size": [32, 48], "length": 8}
+    dataset = build_dataset("synthetic", None, "train", **options)
+    model, arch = model_from_checkpoint(tiny_teacher)
+    info = {**arch, "checkpoint": tiny_teacher.name, "weights_sha256": file_sha256(tiny_teacher)}
+    store = cache_teacher(model, info, dataset, tmp_path / "train.zarr", batch_size=8, feature_pool=1, workers=0,
+                          progress=False)
+
+    def first_step(name: str, teacher_source: dict) -> tuple[dict, dict]:
+        cfg = merge(Config(), {
+            "data": {"dataset": "synthetic", "options": options, "workers": 0, "crop_size": None,
+                     "scale_range": [1.0, 1.0], "flip": False, "color_jitter": 0.0, "pin_memory": False},
+            "model": {"name": "pspnet_resnet18", "width": 0.125},
+            "train": {"iterations": 2, "batch_size": 4, "device": "cpu", "out": str(tmp_path / name)},
+            "distill": {"losses": ["pi", "pa", "ho"], **teacher_source},
+            "cache": {"feature_pool": 1},
+        })
+        trainer = Trainer(cfg, progress=False)
+        batch = next(trainer.batches())
+        return batch, trainer.step(batch)
+
+    # Built and stepped one after the other: each Trainer seeds torch, so both start from the same state.
+    cached_batch, cached = first_step("cached", {"cache": str(store)})
+    online_batch, online = first_step("online", {"teacher": str(tiny_teacher)})
+
+    assert torch.equal(cached_batch["image"], online_batch["image"])
+    assert set(cached) == set(online) == {"task", "pi", "pa", "ho", "d_adv", "d_gp"}
+    assert all(np.isfinite(v) for v in cached.values())
+    assert cached["pi"] > 0 and cached["pa"] > 0
+    for key in cached:
+        assert cached[key] == pytest.approx(online[key], rel=1e-2, abs=1e-5), key

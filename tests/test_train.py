@@ -1,0 +1,323 @@
+"""Training: every ablation runs and logs finite terms, resume is exact, failures stop cleanly,
+checkpoints are atomic and validated, the schedule and data order are the documented ones."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY_DATA
+from pipeline.cache.writer import cache_teacher
+from pipeline.config import Config, load_config, merge
+from pipeline.data import build_dataset
+from pipeline.errors import SkdError
+from pipeline.models import build_model
+from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from pipeline.train.trainer import EpochBatches, Trainer, poly_schedule, train
+
+TEACHER_ARCH = {"name": "pspnet_resnet18", "num_classes": 8, "width": 0.25}
+STUDENT_ARCH = {"name": "pspnet_resnet18", "num_classes": 8, "width": 0.125}
+BOOKKEEPING = {"iteration", "lr", "step_s"}
+
+
+def tiny_dataset(seed: int = 0):
+    return build_dataset("synthetic", None, "train", **TINY_DATA["options"], seed=seed)
+
+
+def write_cache(tmp: Path, name: str, dataset) -> Path:
+    torch.manual_seed(0)
+    teacher = build_model(**TEACHER_ARCH)
+    return cache_teacher(teacher, dict(TEACHER_ARCH), dataset, tmp / name, batch_size=4, feature_pool=2,
+                         workers=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """A teacher cache of the tiny synthetic train split (the data of ``tiny_config``)."""
+    return write_cache(tmp_path_factory.mktemp("cache"), "train.zarr", tiny_dataset())
+
+
+def make_config(tiny_config: Path, out: Path, losses=(), cache: Path | None = None, **sections) -> Config:
+    """The tiny recipe with a run folder, distillation terms and per-section overrides."""
+    cfg = load_config(tiny_config)
+    updates = copy.deepcopy(sections)
+    updates.setdefault("train", {})["out"] = str(out)
+    updates.setdefault("distill", {}).update(losses=list(losses), cache=str(cache) if cache else None)
+    return merge(cfg, updates)
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def interrupted_run(cfg: Config, stop_after: int, monkeypatch) -> None:
+    """Train until ``stop_after`` iterations are done, then interrupt as Ctrl-C would."""
+    step = Trainer.step
+
+    def step_or_interrupt(self, batch):
+        if self.iteration == stop_after:
+            raise KeyboardInterrupt
+        return step(self, batch)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "step", step_or_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, progress=False)
+
+
+# -- ablations ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("losses", [(), ("pi",), ("pi", "pa"), ("pi", "pa", "ho")], ids=lambda t: "+".join(t) or "none")
+def test_every_ablation_trains_with_finite_logged_terms(tiny_config, store, tmp_path, losses):
+    out = tmp_path / "run"
+    cfg = make_config(tiny_config, out, losses, cache=store if losses else None)
+    model_path = train(cfg, progress=False)
+
+    expected = {"task", *losses} | ({"d_adv", "d_gp"} if "ho" in losses else set())
+    records = read_log(out)
+    assert [r["iteration"] for r in records] == [2, 4]  # log_every 2, 4 iterations
+    for record in records:
+        assert set(record) == expected | BOOKKEEPING
+        assert all(math.isfinite(v) for v in record.values()), record
+    # Poly decay from the default lr 0.01 over 4 iterations, logged after the step's update.
+    assert records[0]["lr"] == pytest.approx(0.01 * (1 - 2 / 4) ** 0.9, rel=1e-9)
+    assert records[1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+    assert model_path == out / "model.pt"
+    model, arch = model_from_checkpoint(model_path)
+    assert arch == STUDENT_ARCH
+    last = load_checkpoint(out / "last.pt")
+    assert last["iteration"] == 4
+    assert ("discriminator" in last) == ("ho" in losses)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, last["model"][name]), name
+    with torch.no_grad():
+        logits = model(torch.zeros(1, 3, 32, 48)).logits
+    assert logits.shape == (1, 8, 4, 6) and torch.isfinite(logits).all()
+
+
+# -- resume ------------------------------------------------------------------------------------
+
+def test_resume_is_exact(tiny_config, store, tmp_path, monkeypatch):
+    # Augmentation on, so that a resumed run must also replay the same crops, flips and order.
+    sections = {"data": {"crop_size": [32, 32], "scale_range": [0.75, 1.25], "flip": True, "workers": 0}}
+    terms = ("pi", "pa", "ho")
+    one_go = tmp_path / "one_go"
+    train(make_config(tiny_config, one_go, terms, store, **sections), progress=False)
+
+    resumed = tmp_path / "resumed"
+    interrupted_run(make_config(tiny_config, resumed, terms, store, **sections), stop_after=2, monkeypatch=monkeypatch)
+    assert load_checkpoint(resumed / "last.pt")["iteration"] == 2
+    assert not (resumed / "model.pt").exists()
+    train(make_config(tiny_config, resumed, terms, store, **sections), resume=True, progress=False)
+
+    a, b = load_checkpoint(one_go / "last.pt"), load_checkpoint(resumed / "last.pt")
+    assert a["iteration"] == b["iteration"] == 4
+    for part in ("model", "discriminator"):
+        assert a[part].keys() == b[part].keys()
+        for name in a[part]:
+            assert torch.allclose(a[part][name].float(), b[part][name].float(), rtol=0, atol=1e-6), f"{part}.{name}"
+    # The interrupted run logged iteration 2, the resumed one iteration 4, with the same losses.
+    log_a, log_b = read_log(one_go), read_log(resumed)
+    assert [r["iteration"] for r in log_b] == [2, 4]
+    for ra, rb in zip(log_a, log_b):
+        for key in {"task", "pi", "pa", "ho", "d_adv", "d_gp"}:
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (ra["iteration"], key)
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("term", ["pi", "pa"])
+def test_nan_stops_with_the_term_named_and_keeps_the_last_checkpoint(tiny_config, store, tmp_path, monkeypatch, term):
+    out = tmp_path / "run"
+    interrupted_run(make_config(tiny_config, out, ("pi", "pa"), store), stop_after=2, monkeypatch=monkeypatch)
+    before = sha256(out / "last.pt")
+
+    cfg = make_config(tiny_config, out, ("pi", "pa"), store, distill={f"lambda_{term}": float("nan")})
+    with pytest.raises(SkdError) as info:
+        train(cfg, resume=True, progress=False)
+    message = str(info.value)
+    assert f"'{term}'" in message and "iteration 3" in message and "intact" in message
+    assert "\n" not in message
+    assert sha256(out / "last.pt") == before
+    assert load_checkpoint(out / "last.pt")["iteration"] == 2
+    assert not (out / "model.pt").exists()
+
+
+def test_resume_without_a_checkpoint_is_refused(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SkdError, match="--resume: no checkpoint"):
+        Trainer(make_config(tiny_config, out), resume=True, progress=False)
+    assert not out.exists()
+
+
+def test_an_existing_run_is_not_overwritten(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    train(make_config(tiny_config, out, train={"iterations": 1}), progress=False)
+    before = sha256(out / "last.pt")
+    with pytest.raises(SkdError, match="--resume"):
+        Trainer(make_config(tiny_config, out), progress=False)
+    assert sha256(out / "last.pt") == before
+
+
+def test_resume_with_another_architecture_is_refused(tiny_config, tmp_path):
+    out = tmp_path / "run"
+    train(make_config(tiny_config, out, train={"iterations": 1}), progress=False)
+    with pytest.raises(SkdError, match="last.pt"):
+        Trainer(make_config(tiny_config, out, model={"width": 0.25}), resume=True, progress=False)
+
+
+def test_a_store_of_other_data_is_refused(tiny_config, tmp_path):
+    foreign = write_cache(tmp_path, "seed1.zarr", tiny_dataset(seed=1))
+    with pytest.raises(SkdError, match="fingerprint"):
+        Trainer(make_config(tiny_config, tmp_path / "run", ("pi",), foreign), progress=False)
+    with pytest.raises(SkdError, match="no teacher cache"):
+        Trainer(make_config(tiny_config, tmp_path / "run", ("pi",), tmp_path / "missing.zarr"), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+# -- schedule and data order -----------------------------------------------------------------------
+
+def test_poly_schedule_matches_the_formula():
+    lr0, n = 0.01, 10
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr0)
+    scheduler = poly_schedule(optimizer, n, 0.9)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(n):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    for k in (0, 1, 3, 5, 9, 10):
+        assert lrs[k] == pytest.approx(lr0 * (1 - k / n) ** 0.9, rel=1e-12, abs=1e-15)
+    assert lrs[5] == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert lrs[10] == 0.0
+
+
+def test_epoch_batches_restart_and_permutation():
+    n, batch = 12, 3
+    full = list(EpochBatches(n, batch, seed=7, epoch=0))
+    assert len(full) == 4 and all(len(b) == batch for b in full)
+    assert sorted(i for b in full for i in b) == list(range(n))  # each epoch is a permutation
+    for start in (1, 2, 3):
+        tail = EpochBatches(n, batch, seed=7, epoch=0, start=start)
+        assert len(tail) == 4 - start
+        assert list(tail) == full[start:]
+    assert list(EpochBatches(n, batch, seed=7, epoch=0)) == full  # deterministic
+    other_epoch = list(EpochBatches(n, batch, seed=7, epoch=1))
+    assert sorted(i for b in other_epoch for i in b) == list(range(n))
+    assert other_epoch != full
+    # 10 images in batches of 3: three whole batches, the remainder is dropped.
+    ragged = list(EpochBatches(10, 3, seed=0, epoch=0))
+    assert len(ragged) == 3 and len({i for b in ragged for i in b}) == 9
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt" / "last.pt"
+    save_checkpoint(path, {"iteration": 1, "w": torch.arange(4)})
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+    save_checkpoint(path, {"iteration": 2, "w": torch.arange(4)})
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+    assert load_checkpoint(path)["iteration"] == 2
+    before = path.read_bytes()
+
+    def crash_mid_write(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"iteration": 3})
+    assert path.read_bytes() == before  # the previous checkpoint survives a failed save
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "model.pt"
+    model = build_model(**STUDENT_ARCH)
+    save_checkpoint(path, {"arch": STUDENT_ARCH, "model": model.state_dict()})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    for load in (load_checkpoint, model_from_checkpoint):
+        with pytest.raises(SkdError) as info:
+            load(path)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+    path.write_bytes(b"")
+    with pytest.raises(SkdError, match="model.pt"):
+        model_from_checkpoint(path)
+    with pytest.raises(SkdError, match="not found"):
+        model_from_checkpoint(tmp_path / "absent.pt")
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
+    weights = build_model(**STUDENT_ARCH).state_dict()
+    other_net = tmp_path / "other_net.pt"
+    save_checkpoint(other_net, {"arch": {"name": "pspnet_mobilenetv2", "num_classes": 8}, "model": weights})
+    with pytest.raises(SkdError, match="does not fit pspnet_mobilenetv2"):
+        model_from_checkpoint(other_net)
+    other_classes = tmp_path / "other_classes.pt"
+    save_checkpoint(other_classes, {"arch": {**STUDENT_ARCH, "num_classes": 5}, "model": weights})
+    with pytest.raises(SkdError, match="does not fit"):
+        model_from_checkpoint(other_classes)
+    plain = tmp_path / "plain.pt"
+    torch.save(weights, plain)
+    with pytest.raises(SkdError, match="does not say which model"):
+        model_from_checkpoint(plain)
+    model, arch = model_from_checkpoint(plain, arch=dict(STUDENT_ARCH))  # a plain state_dict with its arch
+    assert arch == STUDENT_ARCH and not model.training
+
+
+# -- configuration ---------------------------------------------------------------------------------
+
+def write_yaml(tmp_path: Path, content) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    return path
+
+
+def test_config_layers_defaults_yaml_options(tmp_path):
+    cfg = load_config(write_yaml(tmp_path, {"train": {"lr": 0.05, "iterations": 100},
+                                            "distill": {"losses": ["pi", "pa"]}}))
+    assert cfg.train.lr == 0.05 and cfg.train.iterations == 100 and cfg.distill.losses == ["pi", "pa"]
+    # Untouched fields keep the paper's recipe.
+    assert cfg.train.batch_size == 8 and cfg.train.momentum == 0.9 and cfg.train.weight_decay == 5e-4
+    assert cfg.train.poly_power == 0.9 and cfg.distill.lambda_pa == 0.5 and cfg.distill.lambda_ho == 0.1
+    # Command-line options override the YAML; an option left out (None) keeps the YAML's value.
+    merge(cfg, {"train": {"lr": 0.002, "iterations": None}, "model": {"width": 0.5}})
+    assert cfg.train.lr == 0.002 and cfg.train.iterations == 100 and cfg.model.width == 0.5
+    assert load_config(None).train.iterations == 40000
+
+
+@pytest.mark.parametrize("content, match", [
+    ({"train": {"learning_rate": 0.1}}, "train.learning_rate"),
+    ({"optimizer": {"lr": 0.1}}, "unknown section 'optimizer'"),
+    ({"distill": {"losses": ["pi", "xx"]}}, "xx"),
+    ({"data": {"crop_size": [512, 512, 3]}}, "crop_size"),
+    ({"data": {"scale_range": [2.0, 0.5]}}, "scale_range"),
+    ({"train": {"iterations": 0}}, "iterations"),
+    ("train: [unclosed", "not valid YAML"),
+    (["train", "lr"], "expected a mapping"),
+])
+def test_bad_config_is_refused(tmp_path, content, match):
+    with pytest.raises(SkdError, match=match):
+        load_config(write_yaml(tmp_path, content))
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(SkdError, match="xx"):
+        merge(Config(), {"distill": {"losses": ["xx"]}})
+    with pytest.raises(SkdError, match="crop_size"):
+        merge(Config(), {"data": {"crop_size": [1, 2, 3]}})
+    with pytest.raises(SkdError, match="config file not found"):
+        load_config("/nonexistent/recipe.yaml")
