@@ -171,13 +171,16 @@ def test_evaluate_cache_matches_evaluate_model(val_store, teacher_ckpt, val_set)
 
 
 def test_resume_after_kill(tmp_path, teacher_ckpt):
-    size, length = (64, 96), 32
+    # Enough images that the run is still going when the first one is done: it is killed right then.
+    size, length = (96, 128), 48
     config = write_config(tmp_path / "data.yaml", size, length)
     out = tmp_path / "train.zarr"
     partial = tmp_path / "train.zarr.partial"
     args = cli_args(config, teacher_ckpt, out, "train", 1, 2)
 
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_log = tmp_path / "killed.log"
+    with open(killed_log, "w") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     done_before_kill = 0
     try:
         deadline = time.monotonic() + 120
@@ -192,7 +195,8 @@ def test_resume_after_kill(tmp_path, teacher_ckpt):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert 0 < done_before_kill < length, f"could not interrupt the run part-way ({done_before_kill}/{length} done)"
+    assert 0 < done_before_kill < length, \
+        f"could not interrupt the run part-way ({done_before_kill}/{length} done): {killed_log.read_text()[-2000:]}"
     assert not out.exists()
     assert partial.is_dir()
     done_at_kill = int(zarr.open_group(str(partial), mode="r")["done"][:].sum())

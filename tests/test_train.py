@@ -243,6 +243,10 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == before  # the previous checkpoint survives a failed save
 
 
+def assert_one_line_naming(error: pytest.ExceptionInfo, path: Path) -> None:
+    assert str(path) in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "model.pt"
     model = build_model(**STUDENT_ARCH)
@@ -252,30 +256,35 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     for load in (load_checkpoint, model_from_checkpoint):
         with pytest.raises(SkdError) as info:
             load(path)
-        assert str(path) in str(info.value) and "\n" not in str(info.value)
+        assert_one_line_naming(info, path)
     path.write_bytes(b"")
-    with pytest.raises(SkdError, match="model.pt"):
-        model_from_checkpoint(path)
-    with pytest.raises(SkdError, match="not found"):
+    for load in (load_checkpoint, model_from_checkpoint):
+        with pytest.raises(SkdError) as info:
+            load(path)
+        assert_one_line_naming(info, path)
+    with pytest.raises(SkdError) as info:
         model_from_checkpoint(tmp_path / "absent.pt")
+    assert_one_line_naming(info, tmp_path / "absent.pt")
 
 
 def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path):
     weights = build_model(**STUDENT_ARCH).state_dict()
     other_net = tmp_path / "other_net.pt"
     save_checkpoint(other_net, {"arch": {"name": "pspnet_mobilenetv2", "num_classes": 8}, "model": weights})
-    with pytest.raises(SkdError, match="does not fit pspnet_mobilenetv2"):
-        model_from_checkpoint(other_net)
     other_classes = tmp_path / "other_classes.pt"
     save_checkpoint(other_classes, {"arch": {**STUDENT_ARCH, "num_classes": 5}, "model": weights})
-    with pytest.raises(SkdError, match="does not fit"):
-        model_from_checkpoint(other_classes)
+    other_width = tmp_path / "other_width.pt"
+    save_checkpoint(other_width, {"arch": {**STUDENT_ARCH, "width": 0.25}, "model": weights})
     plain = tmp_path / "plain.pt"
     torch.save(weights, plain)
-    with pytest.raises(SkdError, match="does not say which model"):
-        model_from_checkpoint(plain)
+    for path in (other_net, other_classes, other_width, plain):
+        with pytest.raises(SkdError) as info:
+            model_from_checkpoint(path)
+        assert_one_line_naming(info, path)
     model, arch = model_from_checkpoint(plain, arch=dict(STUDENT_ARCH))  # a plain state_dict with its arch
     assert arch == STUDENT_ARCH and not model.training
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
 
 
 # -- configuration ---------------------------------------------------------------------------------

@@ -1,0 +1,90 @@
+"""Bytes per image and fidelity of a teacher cache against the float32 teacher.
+
+Reads a store written by `skd cache-teacher`, reruns its teacher in float32 on the same images (with
+the same test-time augmentation recorded in the store) and reports: stored bytes per image (logits
+and features, on disk) against raw float32, mean per-pixel KL(float32 || stored) at temperatures 1
+and 4, and argmax agreement.
+
+    python bench/cache_fidelity.py --cache data/camvid-val.zarr --teacher runs/camvid-teacher/model.pt \\
+        --dataset camvid --data-root ../shared/data/camvid --split val --output docs/bench/cache_camvid.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.cache.store import TeacherStore  # noqa: E402
+from pipeline.cache.teacher import run_teacher  # noqa: E402
+from pipeline.data import build_dataset  # noqa: E402
+from pipeline.data.transforms import normalize  # noqa: E402
+from pipeline.train.checkpoint import model_from_checkpoint  # noqa: E402
+from pipeline.train.trainer import resolve_device  # noqa: E402
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", required=True, help="a directory store")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--dataset", default="camvid")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--split", default="val")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", default=None)
+    args = p.parse_args()
+
+    device = resolve_device(args.device)
+    store = TeacherStore(args.cache)
+    dataset = build_dataset(args.dataset, args.data_root, args.split)
+    store.check_matches(dataset)
+    teacher, _ = model_from_checkpoint(args.teacher)
+    teacher.to(device).eval()
+    pre = store.attrs["preprocessing"]
+    kl = {1.0: 0.0, 4.0: 0.0}
+    agree = pixels = 0
+    raw_logits = raw_features = 0
+    for i in range(len(dataset)):
+        image = normalize(dataset[i]["image"].to(device))[None]
+        reference, features = run_teacher(teacher, image, scales=pre["teacher_scales"], flip=pre["teacher_flip"])
+        stored = torch.from_numpy(store.read(i)[0]).float().to(device)[None]
+        for t in kl:
+            log_p = (reference / t).log_softmax(1)
+            log_q = (stored / t).log_softmax(1)
+            kl[t] += (log_p.exp() * (log_p - log_q)).sum(1).sum().item()
+        agree += (reference.argmax(1) == stored.argmax(1)).sum().item()
+        pixels += reference[0, 0].numel()
+        raw_logits += reference.numel() * 4
+        pool = store.feature_pool
+        raw_features += F.max_pool2d(features, pool, pool, ceil_mode=True).numel() * 4
+    root = Path(args.cache)
+    n = len(dataset)
+    report = {
+        "command": " ".join(sys.argv),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "device": str(device), "images": n, "codecs": store.attrs["codecs"],
+        "logits_bytes_per_image": folder_bytes(root / "logits") / n,
+        "features_bytes_per_image": folder_bytes(root / "features") / n,
+        "raw_float32_logits_bytes_per_image": raw_logits / n,
+        "raw_float32_features_bytes_per_image": raw_features / n,
+        "mean_kl_T1": kl[1.0] / pixels, "mean_kl_T4": kl[4.0] / pixels, "argmax_agreement": agree / pixels,
+    }
+    print(json.dumps(report, indent=2))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
