@@ -166,8 +166,6 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
                           "lambda_ho": kw["lambda_ho"], "pa_node": kw["pa_node"], "teacher": kw["teacher"],
                           "cache": kw["cache"]}
     cfg = build_config(config_path, **updates)
-    if kw["losses"] is None and config_path is None:
-        cfg.distill.losses = ["pi", "pa", "ho"]
     if cfg.distill.losses and not cfg.distill.teacher and not cfg.distill.cache:
         cfg.distill.cache = default_cache(cfg.data.dataset, cfg.data.train_split)
     path = train(cfg, resume=resume, progress=ctx.obj["progress"])
@@ -202,7 +200,7 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
     from pipeline.cache.writer import cache_teacher
     from pipeline.data import build_dataset
     from pipeline.train.checkpoint import file_sha256, model_from_checkpoint
-    from pipeline.train.trainer import resolve_device
+    from pipeline.device import resolve_device
 
     cfg = build_config(config_path, data={"dataset": dataset, "root": data_root, "workers": workers},
                        cache={"batch_size": batch_size, "feature_pool": feature_pool,
@@ -246,7 +244,7 @@ def evaluate_cmd(ctx: click.Context, config_path: str | None, dataset: str | Non
     from pipeline.evaluate import evaluate_cache, evaluate_model
     from pipeline.metrics import evaluation_report, format_table
     from pipeline.train.checkpoint import model_from_checkpoint
-    from pipeline.train.trainer import resolve_device
+    from pipeline.device import resolve_device
 
     if (checkpoint is None) == (cache is None):
         raise SkdError("give exactly one of --checkpoint or --cache")

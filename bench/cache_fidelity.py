@@ -27,7 +27,7 @@ from pipeline.cache.teacher import run_teacher  # noqa: E402
 from pipeline.data import build_dataset  # noqa: E402
 from pipeline.data.transforms import normalize  # noqa: E402
 from pipeline.train.checkpoint import model_from_checkpoint  # noqa: E402
-from pipeline.train.trainer import resolve_device  # noqa: E402
+from pipeline.device import resolve_device  # noqa: E402
 
 
 def folder_bytes(path: Path) -> int:

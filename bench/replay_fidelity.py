@@ -32,7 +32,7 @@ from pipeline.cache.writer import cache_teacher  # noqa: E402
 from pipeline.data import build_dataset  # noqa: E402
 from pipeline.data.transforms import AugmentConfig, normalize  # noqa: E402
 from pipeline.train.checkpoint import file_sha256, model_from_checkpoint  # noqa: E402
-from pipeline.train.trainer import resolve_device  # noqa: E402
+from pipeline.device import resolve_device  # noqa: E402
 
 
 def compare(teacher, dataset, store, scale: float, crop: tuple[int, int], crops: int, seed: int, device) -> dict:

@@ -29,7 +29,8 @@ from pipeline.config import Config, merge  # noqa: E402
 from pipeline.data import build_dataset  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.train.checkpoint import file_sha256, model_from_checkpoint, save_checkpoint  # noqa: E402
-from pipeline.train.trainer import Trainer, resolve_device  # noqa: E402
+from pipeline.device import resolve_device
+from pipeline.train.trainer import Trainer  # noqa: E402
 
 
 def time_mode(cfg: Config, warmup: int, iterations: int) -> dict:

@@ -40,7 +40,8 @@ class ModelConfig:
 
 @dataclass
 class DistillConfig:
-    losses: list[str] = field(default_factory=list)  # any subset of "pi", "pa", "ho"
+    # Any subset of "pi", "pa", "ho"; the full method by default (train-teacher clears it).
+    losses: list[str] = field(default_factory=lambda: list(DISTILL_TERMS))
     cache: str | None = None  # teacher cache (directory, .zip or fsspec URL)
     teacher: str | None = None  # online mode: a teacher checkpoint, run live on every batch
     # The reference sums the per-image pixel-wise mean over a batch of 8 with weight 10; ours is a

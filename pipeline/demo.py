@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 CONFIG = "configs/demo.yaml"
-TEACHER = ["--model", "pspnet_resnet18", "--width", "0.25"]
+TEACHER = ["--model", "pspnet_resnet18", "--width", "0.5"]
 STUDENT = ["--model", "pspnet_resnet18", "--width", "0.125"]
 STUDENTS = [("baseline", None), ("+PI", "pi"), ("+PI+PA", "pi,pa"), ("+PI+PA+HO", "pi,pa,ho")]
 

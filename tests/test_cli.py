@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 from PIL import Image
@@ -27,7 +29,23 @@ SYNTHETIC_CLASSES = ["sky", "road", "sidewalk", "building", "vegetation", "vehic
 
 
 def run_process(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on busy cores OpenMP threads spin for seconds."""
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # an explicit setting that skd keeps instead of choosing its own
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    if env is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 def run_ok(*args: str) -> str:
@@ -89,23 +107,23 @@ def test_help_lists_the_commands_and_their_key_options():
 def pipeline_run(tmp_path_factory) -> dict:
     """teacher -> cache (train and val) -> distilled student -> evaluations, as a user runs them."""
     tmp = tmp_path_factory.mktemp("pipeline")
-    config = tmp / "tiny.yaml"
+    config = tmp / "tiny.yaml"  # tiny_config's recipe, for the whole module (that fixture is per test)
     config.write_text(yaml.safe_dump({
         "data": TINY_DATA, "model": {"name": "pspnet_resnet18", "width": 0.125},
-        "train": {"batch_size": 4, "log_every": 1, "checkpoint_every": 2, "device": "cpu"},
+        "train": {"iterations": 2, "batch_size": 4, "log_every": 1, "checkpoint_every": 2, "device": "cpu"},
         "cache": {"batch_size": 4, "feature_pool": 2},
     }))
     cfg = ["--config", str(config)]
     teacher, student = tmp / "teacher", tmp / "student"
     stores, results = tmp / "stores", tmp / "results"
-    run = {"tmp": tmp, "config": config, "teacher": teacher, "student": student,
+    run = {"config": config, "teacher": teacher, "student": student,
            "train_store": stores / "train.zarr", "val_store": stores / "val.zarr"}
 
-    run["train_teacher"] = run_ok("train-teacher", *cfg, "--iterations", "2", "--out", str(teacher))
+    run["train_teacher"] = run_ok("train-teacher", *cfg, "--out", str(teacher))
     run["cache_train"] = run_ok("cache-teacher", *cfg, "--teacher", str(teacher / "model.pt"),
                                 "--cache", str(run["train_store"]))
     run["train_student"] = run_ok("train-student", *cfg, "--cache", str(run["train_store"]), "--losses", "pi,pa,ho",
-                                  "--iterations", "2", "--out", str(student))
+                                  "--out", str(student))
     run["evaluate_student"] = run_ok("evaluate", *cfg, "--checkpoint", str(student / "model.pt"), "--device", "cpu",
                                      "--output", str(results / "student.json"))
     run["cache_val"] = run_ok("cache-teacher", *cfg, "--teacher", str(teacher / "model.pt"), "--split", "val",
@@ -189,9 +207,9 @@ def garbage_checkpoint(tmp_path) -> Path:
     return path
 
 
-def test_user_error_in_a_real_process(pipeline_run, garbage_checkpoint, tmp_path):
+def test_user_error_in_a_real_process(tiny_config, garbage_checkpoint, tmp_path):
     output = tmp_path / "eval.json"
-    result = run_process("evaluate", "--config", str(pipeline_run["config"]), "--checkpoint", str(garbage_checkpoint),
+    result = run_process("evaluate", "--config", str(tiny_config), "--checkpoint", str(garbage_checkpoint),
                          "--device", "cpu", "--output", str(output))
     assert_user_error(result.returncode, result.stderr, str(garbage_checkpoint))
     assert not output.exists()
@@ -210,8 +228,8 @@ def test_unknown_dataset(monkeypatch, capsys, garbage_checkpoint):
     assert_user_error(code, err, "nosuchset", "synthetic")
 
 
-def test_corrupt_checkpoint(monkeypatch, capsys, pipeline_run, garbage_checkpoint, tmp_path):
-    cfg = ["--config", str(pipeline_run["config"])]
+def test_corrupt_checkpoint(monkeypatch, capsys, tiny_config, garbage_checkpoint, tmp_path):
+    cfg = ["--config", str(tiny_config)]
     store = tmp_path / "store.zarr"
     code, _, err = run_main(monkeypatch, capsys, "cache-teacher", *cfg, "--teacher", str(garbage_checkpoint),
                             "--cache", str(store))
@@ -233,9 +251,10 @@ def test_foreign_store_for_train_student(monkeypatch, capsys, pipeline_run, tmp_
     assert not out.exists()
 
 
-def test_missing_store_for_train_student(monkeypatch, capsys, pipeline_run, tmp_path):
+def test_missing_store_for_train_student(monkeypatch, capsys, tiny_config, tmp_path):
     out, store = tmp_path / "student", tmp_path / "absent.zarr"
-    args = ["train-student", "--config", str(pipeline_run["config"]), "--cache", str(store), "--out", str(out)]
+    # No --losses, and the recipe names none: train-student distils with all three terms by default.
+    args = ["train-student", "--config", str(tiny_config), "--cache", str(store), "--out", str(out)]
     code, _, err = run_main(monkeypatch, capsys, *args)
     assert "cache-teacher" not in assert_user_error(code, err, str(store))
 
@@ -245,10 +264,10 @@ def test_missing_store_for_train_student(monkeypatch, capsys, pipeline_run, tmp_
     assert not out.exists()
 
 
-def test_unknown_distillation_term(monkeypatch, capsys, pipeline_run, tmp_path):
+def test_unknown_distillation_term(monkeypatch, capsys, tiny_config, tmp_path):
     out = tmp_path / "student"
-    code, _, err = run_main(monkeypatch, capsys, "train-student", "--config", str(pipeline_run["config"]),
-                            "--cache", str(pipeline_run["train_store"]), "--losses", "pi,xx", "--out", str(out))
+    code, _, err = run_main(monkeypatch, capsys, "train-student", "--config", str(tiny_config),
+                            "--cache", str(tmp_path / "store.zarr"), "--losses", "pi,xx", "--out", str(out))
     assert_user_error(code, err, "xx")
     assert not out.exists()
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 import pipeline
 from pipeline.cache.store import create_store, feature_size, finalize, logit_size
 from pipeline.cache.teacher import run_teacher
+from pipeline.device import set_cpu_threads
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from pipeline.errors import SkdError
 
@@ -103,6 +104,7 @@ def cache_teacher(
         Subset(_Indexed(dataset), pending), batch_size=batch_size if fixed_size else 1, num_workers=workers,
         collate_fn=_collate, pin_memory=torch.device(device).type == "cuda",
     )
+    set_cpu_threads(torch.device(device), workers)
     teacher = teacher.to(device).eval()
     logits_arr, features_arr, done_arr = group["logits"], group["features"], group["done"]
     with tqdm(total=len(dataset), initial=len(dataset) - len(pending), desc="cache-teacher",

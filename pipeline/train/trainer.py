@@ -34,20 +34,13 @@ from pipeline.distill.losses import (
     resolve_node_size,
     task_loss,
 )
+from pipeline.device import resolve_device, set_cpu_threads
 from pipeline.errors import SkdError
 from pipeline.models import build_model
 from pipeline.models.discriminator import Discriminator
 from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SkdError(f"device {name} requested but CUDA is not available")
-    return torch.device(name)
 
 
 def poly_schedule(optimizer: torch.optim.Optimizer, iterations: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
@@ -75,6 +68,7 @@ class Trainer:
         self.cfg = cfg
         self.progress = progress
         self.device = resolve_device(cfg.train.device)
+        set_cpu_threads(self.device, cfg.data.workers)
         self.out = Path(cfg.train.out)
 
         data = cfg.data
