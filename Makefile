@@ -15,9 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-# One intra-op thread: the tests use tiny models, and it keeps them quick and steady on 2 shared cores.
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	$(PY) -m pytest -q
 
 # The whole pipeline on the built-in synthetic dataset, on the CPU: a teacher, its cache, a baseline
 # student and the three distilled ablations (+PI, +PI+PA, +PI+PA+HO), all evaluated in one table.

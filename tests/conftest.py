@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,20 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CAMVID = SHARED / "data" / "camvid"
 
 TINY_DATA = {"dataset": "synthetic", "options": {"size": [32, 48], "length": 16}, "workers": 0}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on busy cores OpenMP threads spin for seconds."""
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # an explicit setting that skd keeps instead of choosing its own
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    if env is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from click.testing import CliRunner
 from PIL import Image
@@ -29,23 +28,9 @@ SYNTHETIC_CLASSES = ["sky", "road", "sidewalk", "building", "vegetation", "vehic
 
 
 def run_process(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see conftest.one_thread
     return subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on busy cores OpenMP threads spin for seconds."""
-    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # an explicit setting that skd keeps instead of choosing its own
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if env is None:
-        del os.environ["OMP_NUM_THREADS"]
-    else:
-        os.environ["OMP_NUM_THREADS"] = env
 
 
 def run_ok(*args: str) -> str:

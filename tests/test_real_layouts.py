@@ -19,7 +19,7 @@ from pipeline.cache.writer import cache_teacher
 from pipeline.data import build_dataset
 from pipeline.data.transforms import AugmentConfig
 from pipeline.models import build_model
-from tests.conftest import CAMVID
+from conftest import CAMVID
 
 ADE_SIZES = [(40, 56), (72, 48), (24, 88)]  # (H, W): different sizes and aspect ratios
 

@@ -7,7 +7,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -26,20 +25,6 @@ from pipeline.train.trainer import EpochBatches, Trainer, poly_schedule, train
 TEACHER_ARCH = {"name": "pspnet_resnet18", "num_classes": 8, "width": 0.25}
 STUDENT_ARCH = {"name": "pspnet_resnet18", "num_classes": 8, "width": 0.125}
 BOOKKEEPING = {"iteration", "lr", "step_s"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on busy cores OpenMP threads spin for seconds."""
-    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # an explicit setting that skd keeps instead of choosing its own
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    if env is None:
-        del os.environ["OMP_NUM_THREADS"]
-    else:
-        os.environ["OMP_NUM_THREADS"] = env
 
 
 def tiny_dataset(seed: int = 0):

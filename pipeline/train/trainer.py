@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from pipeline.cache.replay import TrainingSamples, collate, replay_targets
