@@ -218,10 +218,13 @@ class Trainer:
     def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
         d = self.cfg.distill
         self.discriminator.train()
-        d_real, d_fake = self.discriminator(real, images), self.discriminator(fake, images)
+        # The penalty acts on what D looks at (softmax maps + image), as in WGAN-GP, not on logits.
+        real_in = self.discriminator.prepare_input(real, images)
+        fake_in = self.discriminator.prepare_input(fake, images)
+        d_real, d_fake = self.discriminator.score(real_in), self.discriminator.score(fake_in)
         losses = {"d_adv": d.lambda_ho * discriminator_loss(d_real, d_fake, d.d_loss)}
         if d.d_loss == "wgan":
-            losses["d_gp"] = d.lambda_ho * d.lambda_gp * gradient_penalty(self.discriminator, real, fake, images)
+            losses["d_gp"] = d.lambda_ho * d.lambda_gp * gradient_penalty(self.discriminator.score, real_in, fake_in)
         self._check_finite(losses)
         self.d_optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
