@@ -307,7 +307,7 @@ def cache_info(store: str) -> None:
 
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
+        cli.main(standalone_mode=False, prog_name="skd")
     except SkdError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -17,11 +17,12 @@ import yaml
 import zarr
 
 import pipeline
+from pipeline.cache.replay import TrainingSamples, collate
 from pipeline.cache.store import TeacherStore, create_store, redact
 from pipeline.cache.teacher import run_teacher
 from pipeline.cache.writer import cache_teacher
 from pipeline.data import build_dataset
-from pipeline.data.transforms import normalize
+from pipeline.data.transforms import AugmentConfig, normalize
 from pipeline.errors import SkdError
 from pipeline.evaluate import evaluate_cache, evaluate_model
 from pipeline.models import build_model
@@ -284,6 +285,23 @@ def test_zip_store_reads_like_directory(tmp_path, val_store, teacher_ckpt, val_s
     for i in range(LENGTH):
         for a, b in zip(zipped.read(i), directory.read(i)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_zip_and_url_stores_work_in_forked_loader_workers(tmp_path, val_store, teacher_ckpt, val_set):
+    """Zip and fsspec stores opened in a parent break in forked workers; each worker must reopen its own."""
+    model, _ = model_from_checkpoint(teacher_ckpt)
+    zipped = tmp_path / "val.zip"
+    cache_teacher(model, teacher_info(teacher_ckpt), val_set, zipped, batch_size=4, feature_pool=POOL, workers=0,
+                  progress=False)
+    expected = [TeacherStore(val_store).read(i)[0] for i in range(LENGTH)]
+    for url in (str(zipped), Path(val_store).resolve().as_uri()):  # a .zip and a file:// URL (fsspec)
+        store = TeacherStore(url)
+        store.read(0)  # opened in the parent first, as a training script would
+        samples = TrainingSamples(val_set, AugmentConfig(), store)
+        loader = torch.utils.data.DataLoader(samples, batch_size=2, num_workers=2, collate_fn=collate)
+        got = torch.cat([batch["teacher_logits"] for batch in loader])
+        for i in range(LENGTH):
+            np.testing.assert_array_equal(got[i].numpy(), expected[i])
 
 
 def test_missing_store_and_redaction(tmp_path):

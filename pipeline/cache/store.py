@@ -48,8 +48,9 @@ def redact(url: str) -> str:
     return url.split("?", 1)[0]
 
 
-def is_remote(url: str) -> bool:
-    return "://" in str(url) and not str(url).startswith("file://")
+def is_url(url: str) -> bool:
+    """An fsspec URL (s3://, gs://, https://, file://, ...), opened through fsspec."""
+    return "://" in str(url)
 
 
 def logit_size(image_hw: Sequence[int]) -> tuple[int, int]:
@@ -184,17 +185,18 @@ class TeacherStore:
 
 def _open_group(url: str, storage_options: dict | None) -> zarr.Group:
     try:
-        if url.endswith(".zip") and not is_remote(url):
+        if url.endswith(".zip") and not is_url(url):
             if not Path(url).is_file():
                 raise FileNotFoundError(url)
             store = zarr.storage.ZipStore(url, mode="r")
             return zarr.open_group(store, mode="r")
-        if not is_remote(url) and not Path(url).is_dir():
+        if not is_url(url) and not Path(url).is_dir():
             partial = Path(url + ".partial")
             hint = " (a partial store exists: re-run skd cache-teacher to finish it)" if partial.exists() else ""
             raise SkdError(f"no teacher cache at {url}{hint}")
-        return zarr.open_group(url, mode="r", storage_options=storage_options) if is_remote(url) \
-            else zarr.open_group(url, mode="r")
+        if is_url(url):
+            return zarr.open_group(url, mode="r", storage_options=storage_options)
+        return zarr.open_group(url, mode="r")
     except SkdError:
         raise
     except Exception as exc:  # zarr/fsspec raise many types; the user needs the store and the reason
