@@ -60,7 +60,7 @@ def main() -> None:
             "--name", name, *(["--save-images", "4"] if run in ("teacher", "baseline", "pi_pa_ho") else []))
         report = json.loads(result.read_text())
         rows.append({"model": name, "arch": f"{report['arch']['name']} x{report['arch']['width']}",
-                     "mIoU": round(100 * report["miou"], 2), "pixel_acc": round(100 * report["pixel_accuracy"], 2)})
+                     "mIoU": f"{100 * report['miou']:.2f}", "pixel_acc": f"{100 * report['pixel_accuracy']:.2f}"})
 
     from pipeline.metrics import format_table
 
