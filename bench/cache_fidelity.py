@@ -6,7 +6,7 @@ and features, on disk) against raw float32, mean per-pixel KL(float32 || stored)
 and 4, and argmax agreement.
 
     python bench/cache_fidelity.py --cache data/camvid-val.zarr --teacher runs/camvid-teacher/model.pt \\
-        --dataset camvid --data-root ../shared/data/camvid --split val --output docs/bench/cache_camvid.json
+        --dataset camvid --data-root ../shared/data/camvid --split val --output docs/results/cache_camvid.json
 """
 
 from __future__ import annotations

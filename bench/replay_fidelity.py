@@ -7,7 +7,7 @@ argmax agreement, and each target's pixel accuracy against the ground truth. Don
 and for a cache with teacher test-time augmentation.
 
     python bench/replay_fidelity.py --teacher runs/camvid-teacher/model.pt \\
-        --dataset camvid --data-root ../shared/data/camvid --split val --output docs/bench/replay_camvid.json
+        --dataset camvid --data-root ../shared/data/camvid --split val --output docs/results/replay_camvid.json
 """
 
 from __future__ import annotations

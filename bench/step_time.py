@@ -4,7 +4,7 @@ Same student, teacher, batch, crop and losses in the three modes; the first iter
 excluded. Reports per-iteration wall time through the real data loader (what a user waits for) and
 the time of the step itself, plus the ratios, as JSON.
 
-    python bench/step_time.py --output docs/bench/step_time_cpu.json                 # CPU, small scale
+    python bench/step_time.py --output docs/results/step_time_cpu.json                 # CPU, small scale
     python bench/step_time.py --dataset camvid --data-root ../shared/data/camvid \\
         --teacher runs/camvid-teacher/model.pt --crop 360x480 --device cuda --output step_time_gpu.json
 """
