@@ -54,7 +54,7 @@ evaluate teacher
 # 2. cache it once (train split for distillation, val split to measure the stored maps)
 for split in train val; do
   store="$OUT/camvid-$split.zarr"
-  [ -d "$store" ] || skd cache-teacher --config configs/camvid.yaml --data-root "$DATA" --device "$DEVICE" \
+  [ -d "$store" ] || skd cache-teacher --config configs/camvid.yaml --data-root "$DATA" --device "$DEVICE" --workers "$WORKERS" \
     --teacher "$OUT/teacher/model.pt" --split "$split" --cache "$store" "${TTA[@]}"
 done
 [ -f "$OUT/teacher-cache.json" ] || skd evaluate --config configs/camvid.yaml --data-root "$DATA" \
@@ -70,10 +70,14 @@ train pi_pa_ho_online train-student "${student[@]}" --teacher "$OUT/teacher/mode
 for run in baseline pi pi_pa pi_pa_ho pi_pa_ho_online; do evaluate "$run"; done
 
 # 4. cost and cache fidelity
-[ -f "$OUT/step_time.json" ] || $PY bench/step_time.py --dataset camvid --data-root "$DATA" \
-  --teacher "$OUT/teacher/model.pt" --cache "$OUT/camvid-train.zarr" --student pspnet_resnet18 \
-  --student-width "$S_WIDTH" --crop "$CROP" --batch-size "$BATCH" --workers "$WORKERS" --device "$DEVICE" \
-  --iterations "$BENCH_ITERS" --output "$OUT/step_time.json"
+# all three terms, then pixel-wise only (the cache's own overhead, without the discriminator's cost)
+for losses in pi,pa,ho pi; do
+  name=step_time; [ "$losses" = pi ] && name=step_time_pi_only
+  [ -f "$OUT/$name.json" ] || $PY bench/step_time.py --dataset camvid --data-root "$DATA" \
+    --teacher "$OUT/teacher/model.pt" --cache "$OUT/camvid-train.zarr" --student pspnet_resnet18 \
+    --student-width "$S_WIDTH" --crop "$CROP" --batch-size "$BATCH" --workers "$WORKERS" --device "$DEVICE" \
+    --iterations "$BENCH_ITERS" --losses "$losses" --output "$OUT/$name.json"
+done
 [ -f "$OUT/cache_fidelity.json" ] || $PY bench/cache_fidelity.py --cache "$OUT/camvid-val.zarr" \
   --teacher "$OUT/teacher/model.pt" --dataset camvid --data-root "$DATA" --split val --device "$DEVICE" \
   --output "$OUT/cache_fidelity.json"
