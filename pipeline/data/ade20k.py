@@ -55,10 +55,4 @@ class ADE20K(FileSegmentationDataset):
         images = io.list_images(image_dir, (".jpg", ".jpeg", ".png"))
         labels = io.list_images(label_dir, (".png",))
         pairs = io.pair_by_stem(images, labels, image_dir, label_dir)
-        self._finish(
-            root,
-            ids=[key for key, _, _ in pairs],
-            image_paths=[image for _, image, _ in pairs],
-            label_paths=[label for _, _, label in pairs],
-            luts=[(LABEL_LUT, "0 is 'other', 1..150 are classes")],
-        )
+        self._finish_pairs(root, pairs, luts=[(LABEL_LUT, "0 is 'other', 1..150 are classes")])

@@ -91,6 +91,12 @@ class FileSegmentationDataset(SegmentationDataset):
     image_paths: list[Path]
     label_paths: list[Path]
 
+    def _finish_pairs(self, root: Path, pairs: list[tuple[str, Path, Path]], luts: list[tuple[np.ndarray, str]],
+                      extra_files: tuple[Path, ...] = ()) -> None:
+        """``_finish`` for (id, image, label) triples as ``io.pair_by_stem`` returns them."""
+        self._finish(root, ids=[key for key, _, _ in pairs], image_paths=[image for _, image, _ in pairs],
+                     label_paths=[label for _, _, label in pairs], luts=luts, extra_files=extra_files)
+
     def _finish(self, root: Path, ids: list[str], image_paths: list[Path], label_paths: list[Path],
                 luts: list[tuple[np.ndarray, str]], lut_of: list[int] | None = None,
                 extra_files: tuple[Path, ...] = ()) -> None:

@@ -45,10 +45,4 @@ class CamVid(FileSegmentationDataset):
         images = io.list_images(image_dir, (".png", ".jpg", ".jpeg"))
         labels = io.list_images(label_dir, (".png",))
         pairs = io.pair_by_stem(images, labels, image_dir, label_dir)
-        self._finish(
-            root,
-            ids=[key for key, _, _ in pairs],
-            image_paths=[image for _, image, _ in pairs],
-            label_paths=[label for _, _, label in pairs],
-            luts=[(LABEL_LUT, "0..10 are classes, 11 is void")],
-        )
+        self._finish_pairs(root, pairs, luts=[(LABEL_LUT, "0..10 are classes, 11 is void")])

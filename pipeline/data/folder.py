@@ -84,12 +84,5 @@ class FolderDataset(FileSegmentationDataset):
 
         lut = io.make_lut({**{i: i for i in range(self.num_classes)}, ignore: 255}, size=max(256, ignore + 1))
         allowed = f"0..{self.num_classes - 1} are classes, {ignore} is ignore"
-        self._finish(
-            root,
-            ids=[key for key, _, _ in pairs],
-            image_paths=[image for _, image, _ in pairs],
-            label_paths=[mask for _, _, mask in pairs],
-            luts=[(lut, allowed)],
-            # The class list changes what the mask values mean, so it is part of the fingerprint.
-            extra_files=(classes_file,),
-        )
+        # The class list changes what the mask values mean, so it is part of the fingerprint.
+        self._finish_pairs(root, pairs, luts=[(lut, allowed)], extra_files=(classes_file,))
