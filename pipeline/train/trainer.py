@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.cache.replay import TrainingSamples, collate, replay_targets
-from pipeline.cache.store import TeacherStore
+from pipeline.cache.store import TeacherStore, redact
 from pipeline.cache.teacher import run_teacher
 from pipeline.config import Config
 from pipeline.data import build_dataset
@@ -83,9 +83,13 @@ class Trainer:
                     raise SkdError(f"teacher {cfg.distill.teacher} predicts {arch['num_classes']} classes, "
                                    f"{data.dataset} has {self.dataset.num_classes}")
                 self.teacher.to(self.device).eval().requires_grad_(False)
+                log.info("online distillation: %s runs on every batch%s", cfg.distill.teacher,
+                         " (the cache setting is ignored)" if cfg.distill.cache else "")
             elif cfg.distill.cache:
                 self.store = TeacherStore(cfg.distill.cache)
                 self.store.check_matches(self.dataset)
+                log.info("distilling from the cache %s (teacher %s)", redact(cfg.distill.cache),
+                         self.store.attrs["teacher"].get("name"))
             else:
                 raise SkdError("distillation needs a teacher: pass --cache STORE or --teacher CHECKPOINT")
 
