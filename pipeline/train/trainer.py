@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -208,13 +209,12 @@ class Trainer:
                 with amp:
                     losses["ho"] = d.lambda_ho * generator_loss(self.discriminator(fake, images).float(), d.d_loss)
                 self.discriminator.requires_grad_(True)
-        self._check_finite(losses)
+        record = self._checked_values(losses)
         total = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
         self.scheduler.step()
-        record = {k: v.item() for k, v in losses.items()}
         if "ho" in self.terms:
             record |= self.discriminator_step(real, fake.detach(), images)
         return record
@@ -229,20 +229,23 @@ class Trainer:
         losses = {"d_adv": d.lambda_ho * discriminator_loss(d_real, d_fake, d.d_loss)}
         if d.d_loss == "wgan":
             losses["d_gp"] = d.lambda_ho * d.lambda_gp * gradient_penalty(self.discriminator.score, real_in, fake_in)
-        self._check_finite(losses)
+        record = self._checked_values(losses)
         self.d_optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         self.d_optimizer.step()
         self.d_scheduler.step()
-        return {k: v.item() for k, v in losses.items()}
+        return record
 
-    def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
-        for name, value in losses.items():
-            if not torch.isfinite(value):
+    def _checked_values(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The loss values as floats (one device sync for all of them); a NaN/inf stops the run."""
+        values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
+        for name, value in values.items():
+            if not math.isfinite(value):
                 last = self.out / "last.pt"
                 kept = f"the last good checkpoint {last} is intact" if last.exists() else "no checkpoint was written yet"
-                raise SkdError(f"loss term '{name}' became {value.item()} at iteration {self.iteration + 1}; "
+                raise SkdError(f"loss term '{name}' became {value} at iteration {self.iteration + 1}; "
                                f"stopping ({kept}); try a lower learning rate or weight for '{name}'")
+        return values
 
     # -- loop ----------------------------------------------------------------------------------
     def fit(self) -> Path:
