@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/demo", help="folder for every run of the demo (replaced)")
     parser.add_argument("--teacher-iterations", type=int, default=600)
     parser.add_argument("--student-iterations", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0, help="seed of every training run (weights, data order, augmentation)")
     args = parser.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -42,12 +43,13 @@ def main() -> None:
     started = time.perf_counter()
     cache = str(out / "synthetic.zarr")
 
-    skd("train-teacher", "--config", CONFIG, *TEACHER, "--iterations", str(args.teacher_iterations),
+    seed = ["--seed", str(args.seed)]
+    skd("train-teacher", "--config", CONFIG, *TEACHER, *seed, "--iterations", str(args.teacher_iterations),
         "--out", str(out / "teacher"))
     skd("cache-teacher", "--config", CONFIG, "--teacher", str(out / "teacher/model.pt"), "--cache", cache)
     for name, losses in STUDENTS:
         run = str(out / name.strip("+").replace("+", "_").lower())
-        common = ["--config", CONFIG, *STUDENT, "--iterations", str(args.student_iterations), "--out", run]
+        common = ["--config", CONFIG, *STUDENT, *seed, "--iterations", str(args.student_iterations), "--out", run]
         if losses is None:
             skd("train-teacher", *common)
         else:
