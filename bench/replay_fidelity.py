@@ -36,7 +36,8 @@ from pipeline.device import resolve_device  # noqa: E402
 
 
 def compare(teacher, dataset, store, scale: float, crop: tuple[int, int], crops: int, seed: int, device) -> dict:
-    samples = TrainingSamples(dataset, AugmentConfig(crop, (scale, scale), flip=True), store, seed=seed)
+    samples = TrainingSamples(dataset, AugmentConfig(crop, (scale, scale), flip=True), store, seed=seed,
+                              features=False)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     kl_sum = agree = acc_online = acc_replay = pixels = labelled = 0.0
     for k in range(crops):

@@ -17,7 +17,7 @@ import yaml
 import zarr
 
 import pipeline
-from pipeline.cache.replay import TrainingSamples, collate
+from pipeline.cache.replay import TrainingSamples, collate, replay_targets
 from pipeline.cache.store import TeacherStore, create_store, redact
 from pipeline.cache.teacher import run_teacher
 from pipeline.cache.writer import cache_teacher
@@ -302,6 +302,16 @@ def test_zip_and_url_stores_work_in_forked_loader_workers(tmp_path, val_store, t
         got = torch.cat([batch["teacher_logits"] for batch in loader])
         for i in range(LENGTH):
             np.testing.assert_array_equal(got[i].numpy(), expected[i])
+
+
+def test_features_are_not_read_when_not_needed(val_store, val_set):
+    store = TeacherStore(val_store)
+    with_features = collate([TrainingSamples(val_set, AugmentConfig(), store)[i] for i in range(2)])
+    without = collate([TrainingSamples(val_set, AugmentConfig(), store, features=False)[i] for i in range(2)])
+    assert "teacher_features" not in without and "feature_box" not in without
+    torch.testing.assert_close(without["teacher_logits"], with_features["teacher_logits"])
+    logits, features = replay_targets(without, (6, 8))
+    assert features is None and logits.shape[-2:] == (6, 8)
 
 
 def test_missing_store_and_redaction(tmp_path):

@@ -53,13 +53,16 @@ class TrainingSamples(torch.utils.data.Dataset):
 
     Items: ``image`` uint8 3×h×w, ``label`` int64 h×w, ``flip`` bool, ``valid`` bool mask on the output
     grid, and with a store ``teacher_logits`` / ``teacher_features`` (float16 windows of the cache)
-    with their boxes ``logit_box`` / ``feature_box`` in window coordinates.
+    with their boxes ``logit_box`` / ``feature_box`` in window coordinates. ``features=False`` skips
+    reading the features (nothing needs them without pair-wise distillation).
     """
 
-    def __init__(self, dataset, augment: AugmentConfig, store: TeacherStore | None = None, seed: int = 0):
+    def __init__(self, dataset, augment: AugmentConfig, store: TeacherStore | None = None, seed: int = 0,
+                 features: bool = True):
         self.dataset = dataset
         self.augment = augment
         self.store = store
+        self.features = features
         self.seed = seed
         self.epoch = 0
 
@@ -80,12 +83,13 @@ class TrainingSamples(torch.utils.data.Dataset):
         if self.store is not None:
             pool = self.store.feature_pool
             rows, cols = cache_window(box, logit_size(image_hw), pool)
-            logits, features = self.store.read(index, (rows, cols))
+            logits, features = self.store.read(index, (rows, cols), features=self.features)
             offset = torch.tensor([cols.start, rows.start, cols.start, rows.start], dtype=torch.float64)
             sample["teacher_logits"] = torch.from_numpy(logits)
-            sample["teacher_features"] = torch.from_numpy(features)
             sample["logit_box"] = box / OUTPUT_STRIDE - offset
-            sample["feature_box"] = (box / OUTPUT_STRIDE - offset) / pool
+            if features is not None:
+                sample["teacher_features"] = torch.from_numpy(features)
+                sample["feature_box"] = (box / OUTPUT_STRIDE - offset) / pool
         return sample
 
 
@@ -96,8 +100,8 @@ def collate(samples: list[dict]) -> dict:
         "flip": torch.tensor([s["flip"] for s in samples]),
         "valid": torch.stack([s["valid"] for s in samples]),
     }
-    if "teacher_logits" in samples[0]:
-        for key, box in (("teacher_logits", "logit_box"), ("teacher_features", "feature_box")):
+    for key, box in (("teacher_logits", "logit_box"), ("teacher_features", "feature_box")):
+        if key in samples[0]:
             batch[key] = _pad_stack([s[key] for s in samples])
             batch[box] = torch.stack([s[box] for s in samples]).float()
     return batch
@@ -122,8 +126,10 @@ def replay(maps: torch.Tensor, boxes: torch.Tensor, out_hw: tuple[int, int], fli
     return torch.where(flip, out.flip(-1), out)
 
 
-def replay_targets(batch: dict, out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher (logits, features) for a collated batch whose cache windows are already on the device."""
+def replay_targets(batch: dict, out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Teacher (logits, features) for a collated batch whose cache windows are already on the device;
+    features are None when the batch carries none."""
     logits = replay(batch["teacher_logits"], batch["logit_box"], out_hw, batch["flip"])
-    features = replay(batch["teacher_features"], batch["feature_box"], out_hw, batch["flip"])
-    return logits, features
+    if "teacher_features" not in batch:
+        return logits, None
+    return logits, replay(batch["teacher_features"], batch["feature_box"], out_hw, batch["flip"])

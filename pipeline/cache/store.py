@@ -147,11 +147,13 @@ class TeacherStore:
     def done_count(self) -> int:
         return int(self.group["done"][:].sum())
 
-    def read(self, index: int, window: tuple[slice, slice] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, index: int, window: tuple[slice, slice] | None = None,
+             features: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Cached (logits, features) of one image as float16 arrays, cut to the image's true extent.
 
         ``window`` optionally restricts the read to a region of the logit grid (rows, cols); the
-        features are then cut to the matching region of their coarser grid.
+        features are then cut to the matching region of their coarser grid. With
+        ``features=False`` they are not read at all (None).
         """
         h, w = logit_size(self.image_hw[index])
         fh, fw = feature_size(self.image_hw[index], self.feature_pool)
@@ -160,8 +162,7 @@ class TeacherStore:
         frows = slice(rows.start // p, min(math.ceil(rows.stop / p), fh))
         fcols = slice(cols.start // p, min(math.ceil(cols.stop / p), fw))
         logits = self.group["logits"][index, :, rows, cols]
-        features = self.group["features"][index, :, frows, fcols]
-        return logits, features
+        return logits, self.group["features"][index, :, frows, fcols] if features else None
 
     def check_matches(self, dataset, num_classes: int | None = None) -> None:
         """Refuse a store that does not belong to ``dataset`` (ids, fingerprint, classes) or is unfinished."""

@@ -160,7 +160,7 @@ class Trainer:
         data, t = self.cfg.data, self.cfg.train
         augment = AugmentConfig(tuple(data.crop_size) if data.crop_size else None, tuple(data.scale_range),
                                 data.flip, data.color_jitter)
-        samples = TrainingSamples(self.dataset, augment, self.store, seed=t.seed)
+        samples = TrainingSamples(self.dataset, augment, self.store, seed=t.seed, features="pa" in self.terms)
         per_epoch = len(self.dataset) // t.batch_size
         epoch, start = divmod(self.iteration, per_epoch)
         while True:
