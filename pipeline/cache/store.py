@@ -205,16 +205,19 @@ def _open_group(url: str, storage_options: dict | None) -> zarr.Group:
 
 
 def finalize(partial: Path, final: Path) -> None:
-    """Mark a fully written store complete and move it to its final place (directory or zip)."""
+    """Mark a fully written store complete and move it to its final place (directory or zip),
+    replacing an older store there only now that the new one is whole."""
     group = zarr.open_group(str(partial), mode="r+")
     group.attrs["complete"] = True
+    if final.is_dir():
+        shutil.rmtree(final)
     if str(final).endswith(".zip"):
         tmp = final.with_name(final.name + ".tmp")
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:  # chunks are compressed
             for file in sorted(partial.rglob("*")):
                 if file.is_file():
                     zf.write(file, file.relative_to(partial).as_posix())
-        os.replace(tmp, final)
+        os.replace(tmp, final)  # replaces an older zip atomically
         shutil.rmtree(partial)
     else:
         os.replace(partial, final)

@@ -33,7 +33,8 @@ def _collate(items: list[dict]) -> dict:
 
 
 class _Indexed(torch.utils.data.Dataset):
-    """Yields just the image and its position; labels are not needed to cache a teacher."""
+    """Yields the image and its position. The label is still read (by ``dataset[i]``) so that a
+    broken or mis-sized label stops caching at that file rather than a later training run."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -67,10 +68,9 @@ def cache_teacher(
     """
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
-    if out.exists():
-        if not overwrite:
-            raise SkdError(f"{out} already exists: pass --overwrite to replace it")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    if out.exists() and not overwrite:
+        raise SkdError(f"{out} already exists: pass --overwrite to replace it")
+    # With --overwrite the old store stays usable until the new one is complete (see finalize).
     out.parent.mkdir(parents=True, exist_ok=True)
 
     provenance = {
