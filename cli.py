@@ -16,10 +16,11 @@ from typing import Any
 
 import click
 
-from pipeline.config import Config, load_config, merge
+from pipeline.config import Config, DistillConfig, load_config, merge
 from pipeline.errors import SkdError
 
 log = logging.getLogger("skd")
+_D = DistillConfig()  # the defaults shown in --help
 
 
 def default_cache(dataset: str, split: str = "train") -> str:
@@ -146,11 +147,19 @@ def train_teacher(ctx: click.Context, config_path: str | None, resume: bool, **k
               help="Online mode: a teacher checkpoint run live on every batch instead of a cache.")
 @click.option("--losses", default=None,
               help="Distillation terms, any of pi (pixel-wise), pa (pair-wise), ho (holistic), or 'none'. [default: pi,pa,ho]")
-@click.option("--lambda-pi", type=float, default=None, help="Pixel-wise weight on the per-pixel mean. [default: 80]")
-@click.option("--lambda-pa", type=float, default=None, help="Pair-wise weight. [default: 0.5]")
-@click.option("--lambda-ho", type=float, default=None, help="Holistic (adversarial) weight. [default: 0.1]")
-@click.option("--pa-node", type=float, default=None,
-              help="Pair-wise node size: <1 a fraction of the map (0.5 = 2x2 nodes), >=1 pixels. [default: 0.5]")
+@click.option("--lambda-pi", type=float, default=None,
+              help=f"Pixel-wise weight on the per-pixel mean KL (the reference's 10 x batch 8 = 80 is available, "
+                   f"but ruins students trained from scratch: see docs/RESULTS.md). [default: {_D.lambda_pi:g}]")
+@click.option("--temperature", type=float, default=None, help=f"Pixel-wise softmax temperature. [default: {_D.temperature:g}]")
+@click.option("--lambda-pa", type=float, default=None, help=f"Pair-wise weight. [default: {_D.lambda_pa:g}]")
+@click.option("--lambda-ho", type=float, default=None, help=f"Holistic (adversarial) weight. [default: {_D.lambda_ho:g}]")
+@click.option("--pa-node", default=None,
+              help=f"Pair-wise node size: a fraction of the feature map in (0, 1] (0.5 = 2x2 nodes, 1 = whole map) "
+                   f"or a fixed kernel such as 2px. [default: {_D.pa_node}]")
+@click.option("--kd-warmup", type=int, default=None,
+              help=f"Iterations over which the distillation weights ramp up from 0. [default: {_D.kd_warmup}]")
+@click.option("--pseudo-labels", is_flag=True, default=None,
+              help="Sanity check: train on the teacher's argmax instead of the labels (with --losses none).")
 @click.pass_context
 def train_student(ctx: click.Context, config_path: str | None, resume: bool, **kw: Any) -> None:
     """Train a student from cached teacher outputs (or an online teacher).
@@ -164,9 +173,10 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
     updates["train"]["out"] = kw["out"] or "runs/student"
     updates["distill"] = {"losses": parse_terms(kw["losses"]), "lambda_pi": kw["lambda_pi"], "lambda_pa": kw["lambda_pa"],
                           "lambda_ho": kw["lambda_ho"], "pa_node": kw["pa_node"], "teacher": kw["teacher"],
-                          "cache": kw["cache"]}
+                          "cache": kw["cache"], "temperature": kw["temperature"], "kd_warmup": kw["kd_warmup"],
+                          "pseudo_labels": kw["pseudo_labels"]}
     cfg = build_config(config_path, **updates)
-    if cfg.distill.losses and not cfg.distill.teacher and not cfg.distill.cache:
+    if (cfg.distill.losses or cfg.distill.pseudo_labels) and not cfg.distill.teacher and not cfg.distill.cache:
         cfg.distill.cache = default_cache(cfg.data.dataset, cfg.data.train_split)
     path = train(cfg, resume=resume, progress=ctx.obj["progress"])
     click.echo(f"model written to {path}")
@@ -184,6 +194,11 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
 @click.option("--feature-pool", type=int, default=None, help="Max-pool factor for the stored PSP features. [default: 4]")
 @click.option("--teacher-scales", default=None, help="Test-time scales averaged into the stored map, e.g. 0.75,1,1.25. [default: 1]")
 @click.option("--teacher-flip/--no-teacher-flip", default=None, help="Also average the horizontally flipped view.")
+@click.option("--teacher-window", default=None,
+              help="Run the teacher as sliding windows of HxW pixels (e.g. its training crop) instead of on whole images. [default: whole images]")
+@click.option("--levels", default=None,
+              help="Also store the teacher's map of the image resized by these scales, e.g. 1,2; training reads the "
+                   "level nearest each crop's scale. [default: 1]")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes. [default: 2]")
 @click.option("--device", default=None, help="auto, cpu, cuda ... [default: auto]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing (or partial) store instead of refusing / resuming.")
@@ -191,11 +206,12 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
 def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str | None, data_root: str | None,
                       teacher: str, teacher_arch: str | None, num_classes: int | None, split: str, cache: str | None,
                       batch_size: int | None, feature_pool: int | None, teacher_scales: str | None,
-                      teacher_flip: bool | None, workers: int | None, device: str | None, overwrite: bool) -> None:
+                      teacher_flip: bool | None, teacher_window: str | None, levels: str | None, workers: int | None,
+                      device: str | None, overwrite: bool) -> None:
     """Run the teacher once over a split and write its outputs to a Zarr v3 store.
 
-    Stores float16 log-probabilities at output stride 8, max-pooled PSP features, image ids, per-image
-    done flags and JSON provenance. An interrupted run resumes where it stopped.
+    Stores float16 log-probabilities at output stride 8 (at each of --levels), max-pooled PSP features,
+    image ids, per-image done flags and JSON provenance. An interrupted run resumes where it stopped.
     """
     from pipeline.cache.writer import cache_teacher
     from pipeline.data import build_dataset
@@ -204,7 +220,8 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
 
     cfg = build_config(config_path, data={"dataset": dataset, "root": data_root, "workers": workers},
                        cache={"batch_size": batch_size, "feature_pool": feature_pool,
-                              "teacher_scales": parse_floats(teacher_scales), "teacher_flip": teacher_flip},
+                              "teacher_scales": parse_floats(teacher_scales), "teacher_flip": teacher_flip,
+                              "teacher_window": parse_hw(teacher_window), "levels": parse_floats(levels)},
                        train={"device": device})
     ds = build_dataset(cfg.data.dataset, cfg.data.root, split, **cfg.data.options)
     arch = {"name": teacher_arch, "num_classes": num_classes or ds.num_classes} if teacher_arch else None
@@ -216,6 +233,7 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
     c = cfg.cache
     path = cache_teacher(model, info, ds, out, batch_size=c.batch_size, device=resolve_device(cfg.train.device),
                          feature_pool=c.feature_pool, scales=c.teacher_scales, flip=c.teacher_flip,
+                         window=tuple(c.teacher_window) if c.teacher_window else None, levels=c.levels,
                          workers=cfg.data.workers, overwrite=overwrite, progress=ctx.obj["progress"])
     click.echo(f"teacher cache written to {path}")
 
@@ -227,13 +245,14 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
 @click.option("--split", default="val", help="Dataset split.")
 @click.option("--scales", default="1", help="Test scales, e.g. 0.75,1,1.25 (probabilities averaged).")
 @click.option("--flip", is_flag=True, help="Also average the horizontally flipped image.")
+@click.option("--window", default=None, help="Sliding-window inference with HxW windows (two-thirds stride). [default: whole image]")
 @click.option("--device", default="auto", help="auto, cpu, cuda ...")
 @click.option("--output", type=click.Path(), default=None, help="Write the results as JSON here.")
 @click.option("--save-images", type=int, default=0, help="Save this many coloured image | truth | prediction PNGs next to --output.")
 @click.option("--name", default=None, help="Row name in the results (default: the checkpoint or store).")
 @click.pass_context
 def evaluate_cmd(ctx: click.Context, config_path: str | None, dataset: str | None, data_root: str | None,
-                 checkpoint: str | None, cache: str | None, split: str, scales: str, flip: bool, device: str,
+                 checkpoint: str | None, cache: str | None, split: str, scales: str, flip: bool, window: str | None, device: str,
                  output: str | None, save_images: int, name: str | None) -> None:
     """mIoU, pixel accuracy and per-class IoU of a checkpoint or of a teacher cache (--cache).
 
@@ -257,13 +276,14 @@ def evaluate_cmd(ctx: click.Context, config_path: str | None, dataset: str | Non
         if arch["num_classes"] != ds.num_classes:
             raise SkdError(f"{checkpoint} predicts {arch['num_classes']} classes, {cfg.data.dataset} has {ds.num_classes}")
         cm = evaluate_model(model, ds, resolve_device(device), scales=parse_floats(scales), flip=flip,
+                            window=tuple(parse_hw(window)) if window else None,
                             progress=progress, save_dir=save_dir, save_images=save_images)
         source = {"checkpoint": checkpoint, "arch": arch}
     else:
         cm = evaluate_cache(TeacherStore(cache), ds, progress=progress, save_dir=save_dir, save_images=save_images)
         source = {"cache": redact(cache)}
     report = {"name": name or checkpoint or redact(cache), **source, "dataset": cfg.data.dataset, "split": split,
-              "scales": parse_floats(scales), "flip": flip, **evaluation_report(cm, ds.class_names)}
+              "scales": parse_floats(scales), "flip": flip, "window": parse_hw(window), **evaluation_report(cm, ds.class_names)}
     rows = [{"class": c, "IoU": "n/a" if v is None else f"{100 * v:.2f}"} for c, v in report["per_class_iou"].items()]
     click.echo(format_table(rows, ["class", "IoU"]))
     click.echo(f"mIoU {100 * report['miou']:.2f}  pixel accuracy {100 * report['pixel_accuracy']:.2f}  "

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cache.store import TeacherStore  # noqa: E402
-from pipeline.cache.teacher import run_teacher  # noqa: E402
+from pipeline.inference import predict  # noqa: E402
 from pipeline.data import build_dataset  # noqa: E402
 from pipeline.data.transforms import normalize  # noqa: E402
 from pipeline.train.checkpoint import model_from_checkpoint  # noqa: E402
@@ -57,7 +57,7 @@ def main() -> None:
     raw_logits = raw_features = 0
     for i in range(len(dataset)):
         image = normalize(dataset[i]["image"].to(device))[None]
-        reference, features = run_teacher(teacher, image, scales=pre["teacher_scales"], flip=pre["teacher_flip"])
+        reference, features = predict(teacher, image, scales=pre["teacher_scales"], flip=pre["teacher_flip"])
         stored = torch.from_numpy(store.read(i)[0]).float().to(device)[None]
         for t in kl:
             log_p = (reference / t).log_softmax(1)

@@ -3,8 +3,15 @@
 For random crops at fixed scales (with random flips) of a real dataset, compares the cached teacher
 map resampled to the crop (what `skd train-student --cache` trains on) with the teacher run on the
 crop itself (what online distillation trains on): mean KL(online || replayed) per valid pixel,
-argmax agreement, and each target's pixel accuracy against the ground truth. Done for a plain cache
-and for a cache with teacher test-time augmentation.
+argmax agreement, and each target's pixel accuracy against the ground truth. Done for each kind of
+cache in --variants:
+
+    plain    the teacher once on the whole image (float16 storage only adds KL ~1e-7, so this is also
+             the probe "online teacher on the whole image, then cropped": context and resolution)
+    tta      + test-time scales (--tta-scales) and flip
+    window   plain, but the teacher run as sliding windows of --window (its training crop)
+    levels   plain, plus maps of the image resized by each of --levels (replay reads the nearest)
+    window+levels, tta+levels, ...   combinations
 
     python bench/replay_fidelity.py --teacher runs/camvid-teacher/model.pt \\
         --dataset camvid --data-root ../shared/data/camvid --split val --output docs/results/replay_camvid.json
@@ -27,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cache.replay import TrainingSamples, collate, replay_targets  # noqa: E402
 from pipeline.cache.store import TeacherStore  # noqa: E402
-from pipeline.cache.teacher import run_teacher  # noqa: E402
+from pipeline.inference import predict  # noqa: E402
 from pipeline.cache.writer import cache_teacher  # noqa: E402
 from pipeline.data import build_dataset  # noqa: E402
 from pipeline.data.transforms import AugmentConfig, normalize  # noqa: E402
@@ -45,7 +52,7 @@ def compare(teacher, dataset, store, scale: float, crop: tuple[int, int], crops:
         batch = collate([samples[int(order[k % len(dataset)])]])
         batch = {key: v.to(device) for key, v in batch.items()}
         images = normalize(batch["image"])
-        online, _ = run_teacher(teacher, images)
+        online, _ = predict(teacher, images)
         out_hw = tuple(online.shape[-2:])
         replayed, _ = replay_targets(batch, out_hw)
         valid = batch["valid"]
@@ -72,6 +79,10 @@ def main() -> None:
     p.add_argument("--dataset", default="camvid")
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="val")
+    p.add_argument("--dataset-options", default="{}", help='JSON keyword arguments of the dataset, e.g. {"size": [96, 128]}')
+    p.add_argument("--variants", default="plain,tta", help="plain, tta, window, levels and '+' combinations")
+    p.add_argument("--window", default=None, help="sliding-window size HxW for the window variants (default: --crop)")
+    p.add_argument("--levels", default="1,2", help="stored scales for the levels variants")
     p.add_argument("--crop", default="192x256", help="student crop HxW")
     p.add_argument("--scales", default="0.5,1,2")
     p.add_argument("--crops", type=int, default=100, help="random crops per scale")
@@ -84,30 +95,40 @@ def main() -> None:
     args = p.parse_args()
 
     device = resolve_device(args.device)
-    dataset = build_dataset(args.dataset, args.data_root, args.split)
+    dataset = build_dataset(args.dataset, args.data_root, args.split, **json.loads(args.dataset_options))
     teacher, arch = model_from_checkpoint(args.teacher)
     teacher.to(device).eval()
     info = {**arch, "checkpoint": Path(args.teacher).name, "weights_sha256": file_sha256(args.teacher)}
     work = Path(args.workdir or tempfile.mkdtemp(prefix="skd-replay-"))
     crop = tuple(int(v) for v in args.crop.split("x"))
-    variants = {"no TTA": ([1.0], False), "TTA": ([float(s) for s in args.tta_scales.split(",")], True)}
+    window = tuple(int(v) for v in (args.window or args.crop).split("x"))
     rows = []
-    for name, (scales, flip) in variants.items():
-        path = work / f"{args.dataset}-{args.split}-{'tta' if flip else 'plain'}.zarr"
+    for name in args.variants.split(","):
+        parts = set(name.split("+"))
+        unknown = parts - {"plain", "tta", "window", "levels"}
+        if unknown:
+            raise SystemExit(f"unknown variant part(s) {sorted(unknown)}")
+        setting = {"scales": [float(s) for s in args.tta_scales.split(",")] if "tta" in parts else [1.0],
+                   "flip": "tta" in parts, "window": window if "window" in parts else None,
+                   "levels": [float(s) for s in args.levels.split(",")] if "levels" in parts else [1.0]}
+        path = work / f"{args.dataset}-{args.split}-{name.replace('+', '-')}.zarr"
         tic = time.perf_counter()
         if not path.exists():
             cache_teacher(teacher, info, dataset, path, device=device, feature_pool=args.feature_pool,
-                          scales=scales, flip=flip, progress=False)
+                          progress=False, workers=0, **setting)
         cache_s = time.perf_counter() - tic
         store = TeacherStore(path)
         for scale in (float(s) for s in args.scales.split(",")):
-            row = {"cache": name, "teacher_scales": scales, "teacher_flip": flip,
+            row = {"cache": name, **setting,
                    **compare(teacher, dataset, store, scale, crop, args.crops, args.seed, device)}
             rows.append(row)
-            print(f"{name:7s} scale {scale:4.2f}: KL {row['mean_kl']:.4f}  argmax agreement {100 * row['argmax_agreement']:.2f}%  "
+            print(f"{name:14s} scale {scale:4.2f}: KL {row['mean_kl']:.4f}  argmax agreement {100 * row['argmax_agreement']:.2f}%  "
                   f"pixel acc online {100 * row['online_pixel_acc']:.2f}% replayed {100 * row['replayed_pixel_acc']:.2f}%",
                   flush=True)
         rows[-1]["cache_seconds"] = cache_s
+        rows[-1]["log_prob_bytes_per_image"] = sum(
+            f.stat().st_size for f in path.rglob("*") if f.is_file() and "logits" in f.relative_to(path).parts[0]
+        ) / len(dataset)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = {"command": " ".join(sys.argv), "commit": commit, "device": str(device), "teacher": info,
               "dataset": f"{args.dataset}/{args.split}", "crop": args.crop, "rows": rows}

@@ -12,6 +12,8 @@ import yaml
 
 from pipeline.errors import SkdError
 
+from pipeline.distill.losses import parse_node_size
+
 DISTILL_TERMS = ("pi", "pa", "ho")
 
 
@@ -49,15 +51,18 @@ class DistillConfig:
     lambda_pi: float = 80.0
     temperature: float = 1.0
     lambda_pa: float = 0.5
-    # Pair-wise node size: below 1 a fraction of the feature map (0.5 = the reference's 2x2 nodes),
-    # from 1 up a fixed kernel in feature pixels.
-    pa_node: float = 0.5
+    # Pair-wise node size: a fraction of the feature map in (0, 1] (0.5 = the reference's 2x2 nodes,
+    # 1 = the whole map), or a fixed kernel such as "2px".
+    pa_node: float | str = 0.5
     lambda_ho: float = 0.1
     lambda_gp: float = 10.0
     d_conditioning: str = "image"  # "image": softmax map + RGB (paper); "logits": raw logits + BatchNorm
     d_loss: str = "wgan"  # "wgan" (WGAN-GP, paper) or "hinge"
     d_optimizer: str = "sgd"  # "sgd" (reference) or "adam"
     d_lr: float = 4e-4
+    kd_warmup: int = 0  # iterations over which every distillation weight ramps up linearly from 0
+    # Sanity check of the teacher signal: the task loss uses the teacher's argmax instead of the labels.
+    pseudo_labels: bool = False
 
 
 @dataclass
@@ -73,6 +78,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
     log_every: int = 20
+    log_grad_norms: bool = True  # on logged steps: each loss term's gradient norm on the PSP features
     checkpoint_every: int = 500
     out: str = "runs/train"
 
@@ -83,6 +89,8 @@ class CacheConfig:
     feature_pool: int = 4  # PSP features are max-pooled by this factor before storing
     teacher_scales: list[float] = field(default_factory=lambda: [1.0])
     teacher_flip: bool = False
+    teacher_window: list[int] | None = None  # [H, W]: run the teacher as sliding windows of this size
+    levels: list[float] = field(default_factory=lambda: [1.0])  # scales at which maps are stored
 
 
 @dataclass
@@ -148,3 +156,10 @@ def validate(cfg: Config) -> None:
         raise SkdError("train.iterations and train.batch_size must be at least 1")
     if cfg.cache.feature_pool < 1:
         raise SkdError("cache.feature_pool must be at least 1")
+    if cfg.cache.teacher_window is not None and (len(cfg.cache.teacher_window) != 2 or min(cfg.cache.teacher_window) < 8):
+        raise SkdError(f"cache.teacher_window must be [height, width] of at least 8 pixels, not {cfg.cache.teacher_window}")
+    if not cfg.cache.levels or min(cfg.cache.levels) <= 0:
+        raise SkdError(f"cache.levels must be positive scales, not {cfg.cache.levels}")
+    if cfg.distill.kd_warmup < 0:
+        raise SkdError("distill.kd_warmup must be >= 0")
+    parse_node_size(cfg.distill.pa_node)

@@ -15,19 +15,19 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.cache.store import TeacherStore
-from pipeline.cache.teacher import run_teacher
+from pipeline.inference import predict
 from pipeline.data.transforms import normalize
 from pipeline.metrics import ConfusionMatrix
 from pipeline.visualize import save_comparison
 
 
-def _evaluate(dataset, predict: Callable[[int, dict], torch.Tensor], progress: bool,
+def _evaluate(dataset, predict_image: Callable[[int, dict], torch.Tensor], progress: bool,
               save_dir: Path | None, save_images: int, desc: str) -> ConfusionMatrix:
     cm = ConfusionMatrix(dataset.num_classes, ignore_index=dataset.ignore_index)
     for i in tqdm(range(len(dataset)), desc=desc, unit="img", disable=not progress):
         item = dataset[i]
         label = item["label"]
-        log_probs = predict(i, item)  # (C, h, w) on any grid
+        log_probs = predict_image(i, item)  # (C, h, w) on any grid
         log_probs = F.interpolate(log_probs[None].float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
         pred = log_probs[0].argmax(0).cpu()
         cm.update(pred, label)
@@ -39,15 +39,15 @@ def _evaluate(dataset, predict: Callable[[int, dict], torch.Tensor], progress: b
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, dataset, device: torch.device | str = "cpu", scales: Sequence[float] = (1.0,),
-                   flip: bool = False, progress: bool = True, save_dir: Path | None = None,
+                   flip: bool = False, window: tuple[int, int] | None = None, progress: bool = True, save_dir: Path | None = None,
                    save_images: int = 0) -> ConfusionMatrix:
     model = model.to(device).eval()
 
-    def predict(_: int, item: dict) -> torch.Tensor:
+    def predict_image(_: int, item: dict) -> torch.Tensor:
         image = normalize(item["image"].to(device))[None]
-        return run_teacher(model, image, scales=scales, flip=flip)[0][0]
+        return predict(model, image, scales=scales, flip=flip, window=window)[0][0]
 
-    return _evaluate(dataset, predict, progress, save_dir, save_images, "evaluate")
+    return _evaluate(dataset, predict_image, progress, save_dir, save_images, "evaluate")
 
 
 def evaluate_cache(store: TeacherStore, dataset, progress: bool = True, save_dir: Path | None = None,

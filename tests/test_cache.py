@@ -19,7 +19,7 @@ import zarr
 import pipeline
 from pipeline.cache.replay import TrainingSamples, collate, replay_targets
 from pipeline.cache.store import TeacherStore, create_store, redact
-from pipeline.cache.teacher import run_teacher
+from pipeline.inference import predict
 from pipeline.cache.writer import cache_teacher
 from pipeline.data import build_dataset
 from pipeline.data.transforms import AugmentConfig, normalize
@@ -330,22 +330,22 @@ def test_missing_store_and_redaction(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_run_teacher_flip_and_scales(teacher_ckpt, val_set):
+def test_predict_flip_and_scales(teacher_ckpt, val_set):
     model, _ = model_from_checkpoint(teacher_ckpt)
     image = normalize(val_set[0]["image"])[None]
     flipped = image.flip(-1)
 
-    log_probs, features = run_teacher(model, image, flip=True)
-    log_probs_f, features_f = run_teacher(model, flipped, flip=True)
+    log_probs, features = predict(model, image, flip=True)
+    log_probs_f, features_f = predict(model, flipped, flip=True)
     assert log_probs.shape == (1, 8, *LOGIT_HW)
     torch.testing.assert_close(log_probs_f, log_probs.flip(-1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(features_f, features.flip(-1), atol=1e-5, rtol=1e-5)
     # Without the flip view the teacher itself is not symmetric (so the check above means something).
-    plain, _ = run_teacher(model, image)
-    plain_f, _ = run_teacher(model, flipped)
+    plain, _ = predict(model, image)
+    plain_f, _ = predict(model, flipped)
     assert (plain_f - plain.flip(-1)).abs().max() > 1e-3
 
-    log_probs, features = run_teacher(model, image, scales=(0.5, 1.0))
+    log_probs, features = predict(model, image, scales=(0.5, 1.0))
     assert log_probs.shape == (1, 8, *LOGIT_HW)
     assert features.shape[-2:] == LOGIT_HW
     # The probabilities are the mean of the two views' probabilities on the stride-8 grid of the image.
@@ -357,3 +357,128 @@ def test_run_teacher_flip_and_scales(teacher_ckpt, val_set):
     expected = (half_logits.softmax(1) + full.logits.softmax(1)) / 2
     torch.testing.assert_close(log_probs.exp(), expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(features, full.features, atol=1e-5, rtol=1e-4)  # features of the scale-1 view
+
+
+def test_feature_views_are_averaged_by_their_own_count(teacher_ckpt, val_set):
+    # Two identical scale-1 views: their mean is one view (the old code divided by 2 only for a flip).
+    model, _ = model_from_checkpoint(teacher_ckpt)
+    image = normalize(val_set[0]["image"])[None]
+    with torch.no_grad():
+        once = model.eval()(image)
+    log_probs, features = predict(model, image, scales=(1.0, 1.0))
+    torch.testing.assert_close(features, once.features, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(log_probs, once.logits.log_softmax(1), atol=1e-5, rtol=1e-5)
+    _, features = predict(model, image, scales=(1.0, 1.0), flip=True)  # four views of the features
+    with torch.no_grad():
+        mirrored = model(image.flip(-1)).features.flip(-1)
+    torch.testing.assert_close(features, (once.features + mirrored) / 2, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sliding windows
+# ---------------------------------------------------------------------------------------------
+
+
+class StrideEightTeacher(torch.nn.Module):
+    """Exactly translation-equivariant at stride 8 (1x1 convs on 8x8 average pools): whole-image
+    and windowed inference must agree on it."""
+
+    feature_channels = 4
+
+    def __init__(self, feature_gain: float = 1.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.classifier = torch.nn.Conv2d(3, 8, 1)
+        self.embed = torch.nn.Conv2d(3, self.feature_channels, 1)
+        self.feature_gain = feature_gain
+
+    def forward(self, x):
+        from pipeline.models.outputs import SegOutput
+
+        pooled = torch.nn.functional.avg_pool2d(x, 8, ceil_mode=True)
+        return SegOutput(logits=3 * self.classifier(pooled), aux=None, features=self.feature_gain * self.embed(pooled))
+
+
+def test_sliding_window_tiles_the_output_grid(teacher_ckpt, val_set):
+    image = normalize(torch.stack([val_set[i]["image"] for i in range(2)]))[..., :40, :56]  # 5x7 cells
+    equivariant = StrideEightTeacher().eval()
+    whole = predict(equivariant, image)
+    for window in ((16, 16), (24, 32), (40, 56), (64, 64)):
+        windowed = predict(equivariant, image, window=window)
+        torch.testing.assert_close(windowed[0], whole[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(windowed[1], whole[1], atol=1e-5, rtol=1e-5)
+
+    # A PSPNet is not equivariant (its pyramid pools the whole input): a cell seen by one window
+    # only gets exactly that window's output. 32x32 windows (4x4 cells) on a 5x7 grid, stride 16 px
+    # (2 cells): rows start at cells 0, 1 and columns at 0, 2, 3, so cells (0, 0) and (0, 1) lie in
+    # the top-left window only.
+    model, _ = model_from_checkpoint(teacher_ckpt)
+    model.eval()
+    windowed, _ = predict(model, image, window=(32, 32), window_stride=(16, 16))
+    with torch.no_grad():
+        top_left = model(image[..., :32, :32]).logits.log_softmax(1)
+    torch.testing.assert_close(windowed[..., :1, :2], top_left[..., :1, :2], atol=1e-5, rtol=1e-5)
+    assert (windowed - predict(model, image)[0]).abs().max() > 1e-3  # and it is not whole-image inference
+
+
+def test_cache_teacher_with_windows_and_levels_records_them(tmp_path, val_set):
+    teacher = StrideEightTeacher().eval()
+    info = {"name": "stride8", "num_classes": 8, "weights_sha256": "0" * 64}
+    path = cache_teacher(teacher, info, val_set, tmp_path / "w.zarr", batch_size=2, feature_pool=1, workers=0,
+                         window=(24, 24), levels=(1.0, 1.5), progress=False)
+    store = TeacherStore(path)
+    pre = store.attrs["preprocessing"]
+    assert pre["teacher_window"] == [24, 24] and pre["levels"] == [1.0, 1.5]
+    assert store.levels == [1.0, 1.5] and store.feature_stride == 8
+    # 44x60 at 1.5 is 66x90 pixels: a 9x12 grid.
+    assert store.read_log_probs(0, 1.5).shape == (8, 9, 12)
+    # Equivariant teacher: windows give the whole-image map, except in the last, partial row and column
+    # of cells (44 = 5.5 cells, 60 = 7.5), where windows see zero padding instead of a partial cell.
+    images = normalize(torch.stack([val_set[i]["image"] for i in range(LENGTH)]))
+    np.testing.assert_allclose(store.group["logits"][:, :, :5, :7].astype(np.float32),
+                               predict(teacher, images)[0][..., :5, :7].numpy(), atol=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values float16 cannot hold
+# ---------------------------------------------------------------------------------------------
+
+
+def test_huge_features_are_stored_scaled_and_replay_exactly(tmp_path, val_set):
+    # Features of 1e6 (a randomly initialised ResNet-101 reaches 8e5): beyond float16's 65504.
+    teacher = StrideEightTeacher(feature_gain=1e6).eval()
+    info = {"name": "stride8", "num_classes": 8, "weights_sha256": "0" * 64}
+    store = TeacherStore(cache_teacher(teacher, info, val_set, tmp_path / "big.zarr", batch_size=2, feature_pool=1,
+                                       workers=0, progress=False))
+    stored = store.group["features"][:].astype(np.float32)
+    assert np.isfinite(stored).all() and np.abs(stored).max() <= 1.0
+    images = normalize(torch.stack([val_set[i]["image"] for i in range(LENGTH)]))
+    exact = predict(teacher, images)[1].numpy()
+    assert np.abs(exact).max() > 65504
+    restored = stored * store.feature_scale[:, None, None, None]
+    np.testing.assert_allclose(restored, exact, rtol=2e-3, atol=2e-3 * np.abs(exact).max())
+    # Replay hands the trainer the teacher's own values.
+    batch = collate([TrainingSamples(val_set, AugmentConfig(), store)[i] for i in range(2)])
+    _, features = replay_targets(batch, LOGIT_HW)
+    torch.testing.assert_close(features, torch.from_numpy(exact[:2]), rtol=2e-3, atol=2e-3 * float(np.abs(exact).max()))
+
+
+def test_non_finite_teacher_output_names_the_image_and_keeps_earlier_ones(tmp_path, val_set):
+    class BreaksOnThirdImage(StrideEightTeacher):
+        calls = 0
+
+        def forward(self, x):
+            out = super().forward(x)
+            BreaksOnThirdImage.calls += 1
+            if BreaksOnThirdImage.calls == 3:
+                out.logits[0, 0, 0, 0] = float("nan")
+            return out
+
+    info = {"name": "broken", "num_classes": 8, "weights_sha256": "0" * 64}
+    out = tmp_path / "broken.zarr"
+    with pytest.raises(SkdError, match=r"image 'synthetic/val/000002' \(#2\) are not finite"):
+        cache_teacher(BreaksOnThirdImage().eval(), info, val_set, out, batch_size=1, feature_pool=1, workers=0,
+                      progress=False)
+    assert not out.exists()
+    done = zarr.open_group(str(out) + ".partial", mode="r")["done"][:]
+    assert done.tolist() == [True, True] + [False] * (LENGTH - 2)

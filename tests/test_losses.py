@@ -330,10 +330,14 @@ def test_resolve_node_size():
     assert nodes.shape[-2:] == (2, 2)
     assert resolve_node_size((64, 32), 1.0) == (64, 32)
     assert resolve_node_size((64, 32), 0.25) == (16, 8)
-    assert resolve_node_size((64, 32), 2) == (2, 2)
-    assert resolve_node_size((64, 32), 1) == (1, 1)
-    assert resolve_node_size((64, 32), 40) == (40, 32)
-    for bad in (0, -1, 0.0, 1.5, True, "2"):
+    # 1 and 1.0 mean the same: the whole map as one node (never a 1-pixel kernel).
+    assert resolve_node_size((64, 32), 1) == (64, 32)
+    assert resolve_node_size((64, 32), "2px") == (2, 2)
+    assert resolve_node_size((64, 32), "1px") == (1, 1)
+    assert resolve_node_size((64, 32), "40px") == (40, 32)
+    assert resolve_node_size((64, 32), "0.5") == (32, 16)  # from the command line
+    # Nothing that could be read two ways is rounded: 2.5 pixels, 2 (pixels or a fraction?), '2.5px'.
+    for bad in (0, -1, 0.0, 1.5, 2, 2.5, True, "2.5px", "0px", "2", float("nan")):
         with pytest.raises(SkdError):
             resolve_node_size((64, 64), bad)
 

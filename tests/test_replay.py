@@ -20,6 +20,7 @@ from pipeline.data.transforms import AugmentConfig, CropParams, crop_box, normal
 from pipeline.distill.losses import pairwise_loss, pixelwise_loss
 from pipeline.models.outputs import SegOutput
 from pipeline.train.checkpoint import file_sha256, model_from_checkpoint
+from pipeline.errors import SkdError
 from pipeline.train.trainer import Trainer
 
 
@@ -108,6 +109,7 @@ def test_replay_of_scaled_crop_samples_a_ramp_bilinearly(tmp_path, monkeypatch):
     group["logits"][0] = np.stack([x + 10 * y, -(x + 10 * y)])
     fy, fx = np.mgrid[0:3, 0:4].astype(np.float16)
     group["features"][0] = (fx + 10 * fy)[None]
+    group["feature_scale"][0] = 1.0
     group["done"][0] = True
     finalize(partial, tmp_path / "ramp.zarr")
     store = TeacherStore(tmp_path / "ramp.zarr")
@@ -122,8 +124,9 @@ def test_replay_of_scaled_crop_samples_a_ramp_bilinearly(tmp_path, monkeypatch):
     samples = TrainingSamples(dataset, AugmentConfig(crop_size=(32, 40), scale_range=(2.0, 2.0)), store)
     items = [samples[0], samples[0]]
     # Only the cache under the crop is read: on the 6x8 grid the box spans rows 3..5, cols 4..6.5; with
-    # a one-cell margin, widened to the pooling grid, that is rows 2..6, cols 2..8 (features 1..3, 1..4).
-    assert items[0]["teacher_logits"].shape == (2, 4, 6) and items[0]["teacher_features"].shape == (1, 2, 3)
+    # a one-cell margin that is rows 2..6, cols 3..8 of the logits; widened to the pooling grid,
+    # rows 2..6, cols 2..8 for the features (feature cells 1..3, 1..4).
+    assert items[0]["teacher_logits"].shape == (2, 4, 5) and items[0]["teacher_features"].shape == (1, 2, 3)
     assert torch.equal(crop_box(params, (48, 64), (32, 40)), torch.tensor([32.0, 24.0, 52.0, 40.0], dtype=torch.float64))
 
     t_logits, t_features = replay_targets(collate(items), (4, 5))
@@ -215,8 +218,72 @@ def test_cached_and_online_teacher_give_same_losses(tmp_path: Path, tiny_teacher
     online_batch, online = first_step("online", {"teacher": str(tiny_teacher)})
 
     assert torch.equal(cached_batch["image"], online_batch["image"])
-    assert set(cached) == set(online) == {"task", "pi", "pa", "ho", "d_adv", "d_gp"}
+    assert set(cached) == set(online) == {"task", "pi", "pa", "ho", "d_adv", "d_gp"}  # no gradient norms asked
     assert all(np.isfinite(v) for v in cached.values())
     assert cached["pi"] > 0 and cached["pa"] > 0
     for key in cached:
         assert cached[key] == pytest.approx(online[key], rel=1e-2, abs=1e-5), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Stored levels: crops that zoom in read a map computed at their resolution
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_level_2_store_replays_a_scale_2_crop_as_the_teacher_sees_it(tmp_path, monkeypatch):
+    dataset = build_dataset("synthetic", None, "train", size=(48, 64), length=1)
+    teacher = PooledTeacher().eval()
+    info = {"name": "pooled", "num_classes": 8, "weights_sha256": "0" * 64}
+    stores = {levels: TeacherStore(cache_teacher(teacher, info, dataset, tmp_path / f"levels{len(levels)}.zarr",
+                                                 batch_size=1, feature_pool=1, workers=0, levels=levels,
+                                                 progress=False))
+              for levels in ((1.0,), (1.0, 2.0))}
+    assert stores[(1.0, 2.0)].levels == [1.0, 2.0]
+    assert stores[(1.0, 2.0)].group["logits_x2"].shape == (1, 8, 12, 16)
+
+    # Scale 2 (96x128), crop 32x40 at (48, 64): on the 8-pixel grid of the upscaled image.
+    params = CropParams((96, 128), 48, 64, False)
+    replayed = {}
+    for levels, store in stores.items():
+        force_params(monkeypatch, [params])
+        samples = TrainingSamples(dataset, AugmentConfig(crop_size=(32, 40), scale_range=(2.0, 2.0)), store,
+                                  features=False)
+        item = samples[0]
+        replayed[levels] = replay_targets(collate([item]), (4, 5))[0].log_softmax(1)
+    with torch.no_grad():
+        on_crop = teacher(normalize(item["image"])[None]).logits.log_softmax(1)
+    # The crop was resized from uint8 pixels (rounded), the level from float ones: a small difference.
+    torch.testing.assert_close(replayed[(1.0, 2.0)], on_crop, atol=2e-2, rtol=0)
+    # A level-1 store can only upsample its coarser map, and misses by far more.
+    assert (replayed[(1.0,)] - on_crop).abs().max() > 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# Pair-wise nodes finer than the stored features are refused
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pairwise_nodes_finer_than_the_stored_features_are_refused(tmp_path: Path, tiny_teacher: Path):
+    options = {"size": [32, 48], "length": 8}
+    dataset = build_dataset("synthetic", None, "train", **options)
+    model, arch = model_from_checkpoint(tiny_teacher)
+    info = {**arch, "checkpoint": tiny_teacher.name, "weights_sha256": file_sha256(tiny_teacher)}
+    store = cache_teacher(model, info, dataset, tmp_path / "train.zarr", batch_size=8, feature_pool=2, workers=0,
+                          progress=False)
+    assert TeacherStore(store).attrs["feature_stride"] == 16
+
+    def config(node, scale_high: float) -> Config:
+        return merge(Config(), {
+            "data": {"dataset": "synthetic", "options": options, "workers": 0, "crop_size": [32, 32],
+                     "scale_range": [1.0, scale_high]},
+            "model": {"name": "pspnet_resnet18", "width": 0.125},
+            "train": {"iterations": 1, "batch_size": 4, "device": "cpu", "out": str(tmp_path / "run")},
+            "distill": {"losses": ["pi", "pa"], "cache": str(store), "pa_node": node},
+        })
+
+    # 4x4 output: "1px" nodes (1 pixel) and 0.5 at scales up to 1.5 (2 pixels < 2 x 1.5) are finer
+    # than one stored feature cell; 0.5 at scale 1 (2 pixels = 2 x 1) is not.
+    for node, scale_high in (("1px", 1.0), (0.5, 1.5)):
+        with pytest.raises(SkdError, match="finer than the store's features"):
+            Trainer(config(node, scale_high), progress=False)
+    Trainer(config(0.5, 1.0), progress=False)

@@ -65,10 +65,10 @@ def interrupted_run(cfg: Config, stop_after: int, monkeypatch) -> None:
     """Train until ``stop_after`` iterations are done, then interrupt as Ctrl-C would."""
     step = Trainer.step
 
-    def step_or_interrupt(self, batch):
+    def step_or_interrupt(self, batch, **kwargs):
         if self.iteration == stop_after:
             raise KeyboardInterrupt
-        return step(self, batch)
+        return step(self, batch, **kwargs)
 
     with monkeypatch.context() as m:
         m.setattr(Trainer, "step", step_or_interrupt)
@@ -84,12 +84,17 @@ def test_every_ablation_trains_with_finite_logged_terms(tiny_config, store, tmp_
     cfg = make_config(tiny_config, out, losses, cache=store if losses else None)
     model_path = train(cfg, progress=False)
 
-    expected = {"task", *losses} | ({"d_adv", "d_gp"} if "ho" in losses else set())
+    terms = {"task", *losses}
+    grads = {f"grad_{t}" for t in terms}  # each term's gradient norm on the student's PSP features
+    expected = terms | grads | ({"d_adv", "d_gp"} if "ho" in losses else set())
     records = read_log(out)
     assert [r["iteration"] for r in records] == [2, 4]  # log_every 2, 4 iterations
     for record in records:
         assert set(record) == expected | BOOKKEEPING
         assert all(math.isfinite(v) for v in record.values()), record
+        assert all(record[g] >= 0 for g in grads)
+        # Every term pulls on the features (a zero norm would mean it was cut off the graph).
+        assert all(record[g] > 0 for g in grads), record
     # Poly decay from the default lr 0.01 over 4 iterations, logged after the step's update.
     assert records[0]["lr"] == pytest.approx(0.01 * (1 - 2 / 4) ** 0.9, rel=1e-9)
     assert records[1]["lr"] == pytest.approx(0.0, abs=1e-12)
@@ -111,7 +116,8 @@ def test_every_ablation_trains_with_finite_logged_terms(tiny_config, store, tmp_
 
 def test_resume_is_exact(tiny_config, store, tmp_path, monkeypatch):
     # Augmentation on, so that a resumed run must also replay the same crops, flips and order.
-    sections = {"data": {"crop_size": [32, 32], "scale_range": [0.75, 1.25], "flip": True, "workers": 0}}
+    # Scales up to 1: a stored feature cell (pool 2) stays within the 2x2-pixel pair-wise nodes.
+    sections = {"data": {"crop_size": [32, 32], "scale_range": [0.75, 1.0], "flip": True, "workers": 0}}
     terms = ("pi", "pa", "ho")
     one_go = tmp_path / "one_go"
     train(make_config(tiny_config, one_go, terms, store, **sections), progress=False)

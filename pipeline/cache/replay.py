@@ -17,13 +17,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from pipeline.cache.store import OUTPUT_STRIDE, TeacherStore, logit_size
+from pipeline.cache.store import TeacherStore, logit_size
 from pipeline.data.transforms import AugmentConfig, apply_params, color_jitter, crop_box, sample_params
-
-
-def output_size(crop_hw: tuple[int, int]) -> tuple[int, int]:
-    """The student's stride-8 output grid for an input of ``crop_hw`` pixels."""
-    return math.ceil(crop_hw[0] / OUTPUT_STRIDE), math.ceil(crop_hw[1] / OUTPUT_STRIDE)
+from pipeline.inference import OUTPUT_STRIDE, output_size, scaled_size
 
 
 def valid_mask(box: torch.Tensor, image_hw: tuple[int, int], out_hw: tuple[int, int]) -> torch.Tensor:
@@ -34,10 +30,10 @@ def valid_mask(box: torch.Tensor, image_hw: tuple[int, int], out_hw: tuple[int, 
     return ((ys >= 0) & (ys < image_hw[0]))[:, None] & ((xs >= 0) & (xs < image_hw[1]))[None, :]
 
 
-def cache_window(box: torch.Tensor, map_hw: tuple[int, int], pool: int) -> tuple[slice, slice]:
-    """Rows/cols of the stride-8 cache grid under ``box`` plus a one-pixel margin for interpolation,
-    widened to the feature pooling grid so that features cut at the same place."""
-    x0, y0, x1, y1 = (box / OUTPUT_STRIDE).tolist()
+def cache_window(box: torch.Tensor, map_hw: tuple[int, int], pool: int = 1) -> tuple[slice, slice]:
+    """Rows/cols of a cache grid under ``box`` (in that grid's cells) plus a one-cell margin for
+    interpolation, widened to the feature pooling grid so that features cut at the same place."""
+    x0, y0, x1, y1 = box.tolist()
 
     def span(lo: float, hi: float, size: int) -> slice:
         start = max(math.floor(lo) - 1, 0) // pool * pool
@@ -81,16 +77,32 @@ class TrainingSamples(torch.utils.data.Dataset):
         valid = valid_mask(box, image_hw, out_hw)
         sample = {"image": image, "label": label, "flip": params.flip, "valid": valid.flip(-1) if params.flip else valid}
         if self.store is not None:
-            pool = self.store.feature_pool
-            rows, cols = cache_window(box, logit_size(image_hw), pool)
-            logits, features = self.store.read(index, (rows, cols), features=self.features)
-            offset = torch.tensor([cols.start, rows.start, cols.start, rows.start], dtype=torch.float64)
-            sample["teacher_logits"] = torch.from_numpy(logits)
-            sample["logit_box"] = box / OUTPUT_STRIDE - offset
-            if features is not None:
-                sample["teacher_features"] = torch.from_numpy(features)
-                sample["feature_box"] = (box / OUTPUT_STRIDE - offset) / pool
+            sample |= self._cached_targets(index, image_hw, box, params.scaled_hw[0] / image_hw[0])
         return sample
+
+    def _cached_targets(self, index: int, image_hw: tuple[int, int], box: torch.Tensor, scale: float) -> dict:
+        """Windows of the cached maps under ``box`` (original pixels), with the box in window cells.
+
+        Log-probabilities come from the stored level nearest the sample's scale, so a crop that
+        zooms in by 2 reads a map computed at that resolution instead of an upsampled one.
+        """
+        level = self.store.nearest_level(scale)
+        # Original pixels -> cells of the level's grid (its image was resized to a rounded size).
+        level_h, level_w = scaled_size(image_hw, level)
+        to_cells = torch.tensor([level_w / image_hw[1], level_h / image_hw[0]] * 2, dtype=torch.float64) / OUTPUT_STRIDE
+        cells = box * to_cells
+        rows, cols = cache_window(cells, logit_size(image_hw, level))
+        offset = torch.tensor([cols.start, rows.start, cols.start, rows.start], dtype=torch.float64)
+        targets = {"teacher_logits": torch.from_numpy(self.store.read_log_probs(index, level, (rows, cols))),
+                   "logit_box": cells - offset}
+        if self.features:
+            pool = self.store.feature_pool
+            rows, cols = cache_window(box / OUTPUT_STRIDE, logit_size(image_hw), pool)
+            offset = torch.tensor([cols.start, rows.start, cols.start, rows.start], dtype=torch.float64)
+            targets["teacher_features"] = torch.from_numpy(self.store.read_features(index, (rows, cols)))
+            targets["feature_box"] = (box / OUTPUT_STRIDE - offset) / pool
+            targets["feature_scale"] = torch.tensor(float(self.store.feature_scale[index]))
+        return targets
 
 
 def collate(samples: list[dict]) -> dict:
@@ -104,6 +116,8 @@ def collate(samples: list[dict]) -> dict:
         if key in samples[0]:
             batch[key] = _pad_stack([s[key] for s in samples])
             batch[box] = torch.stack([s[box] for s in samples]).float()
+    if "feature_scale" in samples[0]:
+        batch["feature_scale"] = torch.stack([s["feature_scale"] for s in samples])
     return batch
 
 
@@ -132,4 +146,5 @@ def replay_targets(batch: dict, out_hw: tuple[int, int]) -> tuple[torch.Tensor, 
     logits = replay(batch["teacher_logits"], batch["logit_box"], out_hw, batch["flip"])
     if "teacher_features" not in batch:
         return logits, None
-    return logits, replay(batch["teacher_features"], batch["feature_box"], out_hw, batch["flip"])
+    features = replay(batch["teacher_features"], batch["feature_box"], out_hw, batch["flip"])
+    return logits, features * batch["feature_scale"].to(features.device).view(-1, 1, 1, 1)

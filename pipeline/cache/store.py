@@ -6,7 +6,11 @@ Layout (opens with plain ``zarr.open_group``)::
                codecs, skd version, creation time, ``complete``
     logits     (N, C, h, w)  float16  teacher log-probabilities at output stride 8 (valid logits:
                softmax/argmax are unchanged, and the largest class sits at 0 where float16 is exact)
-    features   (N, F, hf, wf) float16  PSP features, max-pooled by ``feature_pool``
+    logits_x<s> (N, C, hs, ws) float16  optional extra levels: the teacher run on the image resized
+               by s (attribute ``logit_levels``); replay reads the level nearest a crop's scale
+    features   (N, F, hf, wf) float16  PSP features, max-pooled by ``feature_pool`` and divided by
+               the per-image ``feature_scale`` (so they never overflow float16)
+    feature_scale (N,) float32  features × feature_scale = the teacher's features
     image_hw   (N, 2) int32  each image's true size; maps are top-left aligned on a fixed canvas
     done       (N,) bool     set after an image's maps are written, so a re-run resumes
 
@@ -31,10 +35,10 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from pipeline.errors import SkdError
+from pipeline.inference import OUTPUT_STRIDE, output_size, scaled_size
 
 FORMAT = "skd-teacher-cache"
 FORMAT_VERSION = 1
-OUTPUT_STRIDE = 8
 # Chunks for stores whose images differ in size: tiles no image touches are never written.
 VARIABLE_SIZE_TILE = 64
 
@@ -53,13 +57,19 @@ def is_url(url: str) -> bool:
     return "://" in str(url)
 
 
-def logit_size(image_hw: Sequence[int]) -> tuple[int, int]:
-    return math.ceil(image_hw[0] / OUTPUT_STRIDE), math.ceil(image_hw[1] / OUTPUT_STRIDE)
+def logit_size(image_hw: Sequence[int], level: float = 1.0) -> tuple[int, int]:
+    """The stored map's size for an image of ``image_hw`` at the level (scale) ``level``."""
+    return output_size(scaled_size(image_hw, level) if level != 1.0 else image_hw)
 
 
 def feature_size(image_hw: Sequence[int], pool: int) -> tuple[int, int]:
     h, w = logit_size(image_hw)
     return math.ceil(h / pool), math.ceil(w / pool)
+
+
+def level_array(level: float) -> str:
+    """Name of the array holding the teacher's map at scale ``level`` (1.0 is ``logits``)."""
+    return "logits" if level == 1.0 else f"logits_x{level:g}"
 
 
 def create_store(
@@ -69,13 +79,19 @@ def create_store(
     num_classes: int,
     feature_channels: int,
     feature_pool: int,
+    levels: Sequence[float] = (1.0,),
 ) -> zarr.Group:
-    """Create an empty store at ``path`` (a local directory) with all arrays and attributes."""
+    """Create an empty store at ``path`` (a local directory) with all arrays and attributes.
+
+    ``levels``: the scales at which the teacher's map is stored (1.0 always; e.g. 1.0, 2.0 also
+    keeps the map of the image upsampled by 2, for crops that training zooms into).
+    """
     image_hw = np.asarray(image_hw, dtype=np.int32)
     n = len(image_hw)
-    canvas = logit_size(image_hw.max(axis=0))
-    feat_canvas = feature_size(image_hw.max(axis=0), feature_pool)
+    largest = image_hw.max(axis=0)
+    feat_canvas = feature_size(largest, feature_pool)
     fixed_size = bool((image_hw == image_hw[0]).all())
+    levels = sorted({1.0, *(float(s) for s in levels)})
 
     def chunks(channels: int, hw: tuple[int, int]) -> tuple[int, ...]:
         if fixed_size:
@@ -85,17 +101,23 @@ def create_store(
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     group.attrs.update(
         {**provenance, "format": FORMAT, "format_version": FORMAT_VERSION, "output_stride": OUTPUT_STRIDE,
-         "feature_pool": feature_pool, "codecs": {"logits": LOGITS_CODEC, "features": FEATURES_CODEC},
-         "complete": False}
+         "feature_pool": feature_pool, "feature_stride": OUTPUT_STRIDE * feature_pool,
+         "logit_levels": [{"scale": s, "array": level_array(s)} for s in levels],
+         "codecs": {"logits": LOGITS_CODEC, "features": FEATURES_CODEC}, "complete": False}
     )
-    group.create_array(
-        "logits", shape=(n, num_classes, *canvas), dtype="float16", chunks=chunks(num_classes, canvas),
-        compressors=BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=2), fill_value=np.nan,
-    )
+    for level in levels:
+        canvas = logit_size(largest, level)
+        group.create_array(
+            level_array(level), shape=(n, num_classes, *canvas), dtype="float16", chunks=chunks(num_classes, canvas),
+            compressors=BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=2), fill_value=np.nan,
+            attributes={"content": f"teacher log-probabilities, image resized by {level:g}, stride {OUTPUT_STRIDE}"},
+        )
     group.create_array(
         "features", shape=(n, feature_channels, *feat_canvas), dtype="float16",
         chunks=chunks(feature_channels, feat_canvas), compressors=ZstdCodec(level=3), fill_value=np.nan,
+        attributes={"content": f"PSP features max-pooled by {feature_pool}, divided by feature_scale"},
     )
+    group.create_array("feature_scale", shape=(n,), dtype="float32", chunks=(1,), fill_value=np.nan)
     group.create_array("image_hw", data=image_hw, chunks=(max(n, 1), 2))
     # One chunk per flag: a run killed while writing a flag can only lose that image's flag.
     group.create_array("done", shape=(n,), dtype="bool", chunks=(1,), fill_value=False)
@@ -123,7 +145,15 @@ class TeacherStore:
         self.ids: list[str] = list(attrs["dataset"]["ids"])
         self.num_classes: int = int(attrs["teacher"]["num_classes"])
         self.feature_pool: int = int(attrs["feature_pool"])
+        # Stores written before levels existed hold level 1 only.
+        self.levels: list[float] = [float(lv["scale"]) for lv in attrs.get("logit_levels", [{"scale": 1.0}])]
+        self.feature_stride: int = int(attrs.get("feature_stride", OUTPUT_STRIDE * self.feature_pool))
         self.image_hw: np.ndarray = self.group["image_hw"][:]
+        # The positive per-image factors that turn stored features back into the teacher's (all 1
+        # in stores written before features were scaled).
+        names = set(self.group.array_keys())
+        self.feature_scale: np.ndarray = (self.group["feature_scale"][:] if "feature_scale" in names
+                                          else np.ones(len(self.ids), dtype=np.float32))
 
     @property
     def group(self) -> zarr.Group:
@@ -149,20 +179,37 @@ class TeacherStore:
 
     def read(self, index: int, window: tuple[slice, slice] | None = None,
              features: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """Cached (logits, features) of one image as float16 arrays, cut to the image's true extent.
+        """Cached (log-probabilities, features) of one image at level 1 as float16 arrays, cut to the
+        image's true extent (features up to their positive per-image scale, see ``read_features``).
 
         ``window`` optionally restricts the read to a region of the logit grid (rows, cols); the
         features are then cut to the matching region of their coarser grid. With
         ``features=False`` they are not read at all (None).
         """
         h, w = logit_size(self.image_hw[index])
-        fh, fw = feature_size(self.image_hw[index], self.feature_pool)
         rows, cols = window or (slice(0, h), slice(0, w))
+        return self.read_log_probs(index, 1.0, (rows, cols)), self.read_features(index, (rows, cols)) if features else None
+
+    def read_log_probs(self, index: int, level: float = 1.0, window: tuple[slice, slice] | None = None) -> np.ndarray:
+        """One image's stored map at ``level`` (one of ``levels``), optionally a window of its grid."""
+        h, w = logit_size(self.image_hw[index], level)
+        rows, cols = window or (slice(0, h), slice(0, w))
+        return self.group[level_array(level)][index, :, rows, cols]
+
+    def read_features(self, index: int, window: tuple[slice, slice]) -> np.ndarray:
+        """Features under a window of the level-1 logit grid, as stored: divided by the image's
+        ``feature_scale`` (pair-wise distillation compares cosine similarities, which a positive
+        scale leaves unchanged)."""
+        rows, cols = window
+        fh, fw = feature_size(self.image_hw[index], self.feature_pool)
         p = self.feature_pool
         frows = slice(rows.start // p, min(math.ceil(rows.stop / p), fh))
         fcols = slice(cols.start // p, min(math.ceil(cols.stop / p), fw))
-        logits = self.group["logits"][index, :, rows, cols]
-        return logits, self.group["features"][index, :, frows, fcols] if features else None
+        return self.group["features"][index, :, frows, fcols]
+
+    def nearest_level(self, scale: float) -> float:
+        """The stored level closest to ``scale`` in ratio (log) terms."""
+        return min(self.levels, key=lambda level: abs(math.log(level / scale)))
 
     def check_matches(self, dataset, num_classes: int | None = None) -> None:
         """Refuse a store that does not belong to ``dataset`` (ids, fingerprint, classes) or is unfinished."""

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import pipeline
-from pipeline.cache.store import create_store, feature_size, finalize, logit_size
-from pipeline.cache.teacher import run_teacher
+from pipeline.cache.store import create_store, feature_size, finalize, level_array, logit_size
+from pipeline.inference import predict, scaled_size
 from pipeline.device import set_cpu_threads
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from pipeline.errors import SkdError
@@ -57,11 +57,18 @@ def cache_teacher(
     feature_pool: int = 4,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
+    window: tuple[int, int] | None = None,
+    levels: Sequence[float] = (1.0,),
     workers: int = 2,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
     """Write ``teacher``'s outputs on every image of ``dataset`` to the store ``out``.
+
+    ``scales``/``flip``: test-time augmentation averaged into each stored map. ``window``: run the
+    teacher as sliding windows of this size (e.g. its training crop) rather than on whole images.
+    ``levels``: also store the map of the image resized by each of these scales (see
+    ``create_store``), for training crops taken at those scales.
 
     Resumes a previous interrupted run of the same teacher on the same data (``<out>.partial``);
     refuses to mix outputs of a different teacher, dataset or setting into it.
@@ -78,7 +85,9 @@ def cache_teacher(
         "dataset": {"name": dataset.name, "split": dataset.split, "fingerprint": dataset.fingerprint,
                     "num_images": len(dataset), "class_names": list(dataset.class_names), "ids": list(dataset.ids)},
         "preprocessing": {"input": "RGB/255, ImageNet mean/std", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                          "teacher_scales": [float(s) for s in scales], "teacher_flip": bool(flip)},
+                          "teacher_scales": [float(s) for s in scales], "teacher_flip": bool(flip),
+                          "teacher_window": list(window) if window else None,
+                          "levels": sorted({1.0, *(float(s) for s in levels)})},
         "skd_version": pipeline.__version__,
         "torch_version": torch.__version__,
     }
@@ -92,7 +101,7 @@ def cache_teacher(
         image_hw = np.array([dataset.image_size(i) for i in range(len(dataset))], dtype=np.int32)
         provenance["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         group = create_store(partial, provenance, image_hw, teacher_info["num_classes"],
-                             teacher.feature_channels, feature_pool)
+                             teacher.feature_channels, feature_pool, levels)
 
     done = group["done"][:]
     pending = np.flatnonzero(~done).tolist()
@@ -106,24 +115,54 @@ def cache_teacher(
     )
     set_cpu_threads(torch.device(device), workers)
     teacher = teacher.to(device).eval()
-    logits_arr, features_arr, done_arr = group["logits"], group["features"], group["done"]
+    levels = provenance["preprocessing"]["levels"]
     with tqdm(total=len(dataset), initial=len(dataset) - len(pending), desc="cache-teacher",
               unit="img", disable=not progress) as bar:
         for batch in loader:
             images = normalize(batch["image"].to(device, non_blocking=True))
-            log_probs, features = run_teacher(teacher, images, scales=scales, flip=flip)
-            features = F.max_pool2d(features, feature_pool, feature_pool, ceil_mode=True) if feature_pool > 1 else features
-            log_probs, features = log_probs.half().cpu().numpy(), features.half().cpu().numpy()
-            for k, index in enumerate(batch["index"].tolist()):
-                h, w = logit_size(image_hw[index])
+            maps = {}
+            for level in levels:
+                x = images
+                if level != 1.0:
+                    x = F.interpolate(images, size=scaled_size(images.shape[-2:], level), mode="bilinear",
+                                      align_corners=False)
+                maps[level], level_features = predict(teacher, x, scales=scales, flip=flip, window=window)
+                if level == 1.0:
+                    features = level_features
+            if feature_pool > 1:
+                features = F.max_pool2d(features, feature_pool, feature_pool, ceil_mode=True)
+            # A per-image positive scale keeps features within float16 (a poorly trained teacher's
+            # reach 1e5 and more); pair-wise distillation is invariant to it.
+            feature_scale = features.abs().flatten(1).amax(dim=1).clamp(min=1e-12)
+            features = features / feature_scale[:, None, None, None]
+            indices = batch["index"].tolist()
+            _check_finite(dataset, indices, maps, features, feature_scale)
+            maps = {level: m.half().cpu().numpy() for level, m in maps.items()}
+            features, feature_scale = features.half().cpu().numpy(), feature_scale.cpu().numpy()
+            for k, index in enumerate(indices):
+                for level, log_probs in maps.items():
+                    h, w = logit_size(image_hw[index], level)
+                    group[level_array(level)][index, :, :h, :w] = log_probs[k, :, :h, :w]
                 fh, fw = feature_size(image_hw[index], feature_pool)
-                logits_arr[index, :, :h, :w] = log_probs[k]
-                features_arr[index, :, :fh, :fw] = features[k]
-                done_arr[index] = True  # only after the maps are on disk
-            bar.update(len(batch["index"]))
+                group["features"][index, :, :fh, :fw] = features[k, :, :fh, :fw]
+                group["feature_scale"][index] = feature_scale[k]
+                group["done"][index] = True  # only after the maps are on disk
+            bar.update(len(indices))
     finalize(partial, out)
     log.info("wrote %s", out)
     return out
+
+
+def _check_finite(dataset, indices: list[int], maps: dict[float, torch.Tensor], features: torch.Tensor,
+                  feature_scale: torch.Tensor) -> None:
+    """Refuse NaN/inf teacher outputs (a diverged or broken teacher), naming the image."""
+    for k, index in enumerate(indices):
+        bad = [f"log-probabilities at scale {level:g}" for level, m in maps.items() if not torch.isfinite(m[k]).all()]
+        if not (torch.isfinite(features[k]).all() and torch.isfinite(feature_scale[k])):
+            bad.append("features")
+        if bad:
+            raise SkdError(f"the teacher's {' and '.join(bad)} for image {dataset.ids[index]!r} (#{index}) are not finite "
+                           "(NaN or inf): check the teacher checkpoint; images before it are kept and a re-run resumes")
 
 
 def _check_resumable(partial: Path, provenance: dict, feature_pool: int) -> None:

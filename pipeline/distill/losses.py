@@ -143,29 +143,47 @@ def pixelwise_loss(
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_node_size(feature_hw: tuple[int, int], node: float | int) -> tuple[int, int]:
-    """Turn a node-size option into a pooling kernel (kh, kw) for a feature map of ``feature_hw``.
+NodeSpec = float | str
 
-    * a float in (0, 1]: fraction of the map per node; the reference default 0.5 gives the kernel
-      (ceil(h/2), ceil(w/2)), i.e. 2×2 nodes. 1.0 is the whole map (one node).
-    * an int ≥ 1: a fixed kernel of that many pixels per side (1 = one node per pixel), clamped to
-      the map size (a larger kernel would pool the same single node).
+
+def parse_node_size(spec: NodeSpec) -> tuple[str, float | int]:
+    """Read a pair-wise node-size option: ``("fraction", f)`` or ``("pixels", n)``.
+
+    * a number in (0, 1]: a fraction of the feature map per node side; 0.5 (the reference
+      default) gives 2×2 nodes, 1 (or 1.0) the whole map as one node.
+    * a string ``"<n>px"`` with an integer n ≥ 1: a fixed kernel of n feature pixels per side
+      (``"1px"`` = one node per pixel).
+
+    Anything else — a number above 1, a non-integer pixel count — is refused rather than rounded.
     """
+    if isinstance(spec, bool):
+        raise SkdError(f"pair-wise node size must be a fraction in (0, 1] or '<n>px', got {spec!r}")
+    if isinstance(spec, str) and spec.strip().lower().endswith("px"):
+        count = spec.strip()[:-2]
+        if not count.isdigit() or int(count) < 1:
+            raise SkdError(f"pair-wise node size {spec!r}: the pixel count must be a whole number >= 1, e.g. '2px'")
+        return "pixels", int(count)
+    try:
+        fraction = float(spec)
+    except (TypeError, ValueError):
+        raise SkdError(f"pair-wise node size must be a fraction in (0, 1] or '<n>px', got {spec!r}") from None
+    if not 0.0 < fraction <= 1.0:  # also false for NaN
+        hint = f"; for a kernel of {fraction:g} pixels write '{fraction:g}px'" if fraction > 1 else ""
+        raise SkdError(f"pair-wise node size {spec!r} is not a fraction in (0, 1]{hint}")
+    return "fraction", fraction
+
+
+def resolve_node_size(feature_hw: tuple[int, int], spec: NodeSpec) -> tuple[int, int]:
+    """Turn a node-size option (see :func:`parse_node_size`) into a pooling kernel (kh, kw) for a
+    feature map of ``feature_hw``. A fraction gives ``ceil`` kernels, so 0.5 always means 2×2 nodes,
+    also on odd-sized maps; a pixel kernel is clamped to the map (a larger one pools the same node)."""
     h, w = int(feature_hw[0]), int(feature_hw[1])
     if h < 1 or w < 1:
         raise ValueError(f"feature size must be positive, got {feature_hw}")
-    if isinstance(node, bool) or not isinstance(node, (int, float)):
-        raise SkdError(f"pair-wise node size must be a fraction in (0, 1] or an integer >= 1, got {node!r}")
-    if isinstance(node, int):
-        if node < 1:
-            raise SkdError(f"pair-wise node size must be a fraction in (0, 1] or an integer >= 1, got {node}")
-        return min(node, h), min(node, w)
-    if not (0.0 < node <= 1.0) or math.isnan(node):
-        raise SkdError(
-            f"pair-wise node size {node} is a float outside (0, 1]; use a fraction of the map "
-            "(e.g. 0.5) or an integer pixel count (e.g. 2)"
-        )
-    return max(1, math.ceil(h * node)), max(1, math.ceil(w * node))
+    kind, value = parse_node_size(spec)
+    if kind == "pixels":
+        return min(value, h), min(value, w)
+    return max(1, math.ceil(h * value)), max(1, math.ceil(w * value))
 
 
 def _as_pair(node_size: int | tuple[int, int]) -> tuple[int, int]:

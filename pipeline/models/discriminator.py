@@ -43,8 +43,14 @@ class Discriminator(nn.Module):
     Args:
         num_classes: C, channels of the segmentation logits.
         conditioning: ``"image"`` (the paper's default): input = softmax(logits) concatenated with
-            the RGB image resized to the logit resolution (C + 3 channels). ``"logits"``: raw logits
-            through a BatchNorm2d(C), no image (the later reference code).
+            the RGB image resized to the logit resolution (C + 3 channels). ``"logits"``:
+            log_softmax(logits) through a BatchNorm2d(C), no image (the later reference code feeds
+            raw logits; normalising removes the per-pixel log-sum-exp offset that would otherwise
+            tell teacher log-probabilities from student logits for free).
+
+    The input is built in three pieces so that callers can interpolate the maps alone (the
+    gradient penalty) or score several batches together: ``normalize_maps`` → ``condition`` →
+    ``score_maps``. ``forward(logits, image)`` chains them.
     """
 
     def __init__(self, num_classes: int, conditioning: str = "image") -> None:
@@ -64,17 +70,39 @@ class Discriminator(nn.Module):
         self.attn2 = SelfAttention(512)
         self.last = nn.Conv2d(512, 1, 4, padding=1)
 
-    def prepare_input(self, seg_logits: Tensor, image: Tensor | None = None) -> Tensor:
-        """The map D actually looks at: [softmax(logits), resized image] or the raw logits."""
+    def normalize_maps(self, seg_logits: Tensor) -> Tensor:
+        """Per-pixel class distributions: softmax ("image") or log_softmax ("logits").
+
+        Both are invariant to adding a per-pixel constant, so logits and log-probabilities of the
+        same distribution look the same to D.
+        """
         if seg_logits.dim() != 4 or seg_logits.shape[1] != self.num_classes:
             raise ValueError(f"expected B×{self.num_classes}×H×W logits, got {tuple(seg_logits.shape)}")
         if self.conditioning == "logits":
-            return seg_logits
+            return torch.log_softmax(seg_logits, dim=1)
+        return torch.softmax(seg_logits, dim=1)
+
+    def condition(self, image: Tensor | None, size: tuple[int, int], dtype: torch.dtype = torch.float32) -> Tensor | None:
+        """The image resized to the map grid (``"image"`` conditioning); None for ``"logits"``."""
+        if self.conditioning == "logits":
+            return None
         if image is None:
             raise ValueError("conditioning='image' needs the input image")
-        image = F.interpolate(image.to(seg_logits.dtype), size=seg_logits.shape[-2:], mode="bilinear",
-                              align_corners=False, antialias=True)
-        return torch.cat([torch.softmax(seg_logits, dim=1), image], dim=1)
+        return F.interpolate(image.to(dtype), size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+
+    def score_maps(self, maps: Tensor, condition: Tensor | None = None) -> Tensor:
+        """(B,) scores for normalised maps (``normalize_maps``) and their ``condition``."""
+        if (condition is None) != (self.conditioning == "logits"):
+            raise ValueError(f"conditioning={self.conditioning!r} "
+                             f"{'takes no' if self.conditioning == 'logits' else 'needs a'} condition")
+        x = maps if condition is None else torch.cat([maps, condition.to(maps.dtype)], dim=1)
+        return self.score(x)
+
+    def prepare_input(self, seg_logits: Tensor, image: Tensor | None = None) -> Tensor:
+        """The map D actually looks at: [softmax(logits), resized image] or log_softmax(logits)."""
+        maps = self.normalize_maps(seg_logits)
+        condition = self.condition(image, maps.shape[-2:], maps.dtype)
+        return maps if condition is None else torch.cat([maps, condition], dim=1)
 
     def score(self, x: Tensor) -> Tensor:
         """(B,) scores for a prepared input (see ``prepare_input``)."""

@@ -16,34 +16,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from pipeline.cache.replay import TrainingSamples, collate, replay_targets
+from pipeline.cache.replay import TrainingSamples, collate
 from pipeline.cache.store import TeacherStore, redact
-from pipeline.cache.teacher import run_teacher
 from pipeline.config import Config
 from pipeline.data import build_dataset
-from pipeline.data.transforms import AugmentConfig, normalize
-from pipeline.distill.losses import (
-    discriminator_loss,
-    generator_loss,
-    gradient_penalty,
-    pairwise_loss,
-    pixelwise_loss,
-    resolve_node_size,
-    task_loss,
-)
+from pipeline.data.transforms import IGNORE_INDEX, AugmentConfig, normalize
 from pipeline.device import resolve_device, set_cpu_threads
+from pipeline.distill.holistic import HolisticTerm
+from pipeline.distill.losses import pairwise_loss, pixelwise_loss, resolve_node_size, task_loss
+from pipeline.distill.targets import CachedTargets, OnlineTargets
 from pipeline.errors import SkdError
+from pipeline.inference import OUTPUT_STRIDE, output_size
 from pipeline.models import build_model
-from pipeline.models.discriminator import Discriminator
 from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from pipeline.train.schedule import poly_schedule
 
 log = logging.getLogger(__name__)
-
-
-def poly_schedule(optimizer: torch.optim.Optimizer, iterations: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: (1 - min(it, iterations) / iterations) ** power)
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -76,21 +67,25 @@ class Trainer:
             raise SkdError(f"{data.dataset}/{data.train_split} has {len(self.dataset)} images, fewer than the batch size {cfg.train.batch_size}")
         terms = set(cfg.distill.losses)
         self.terms = terms
-        self.store = self.teacher = None
-        if terms:
+        self.store = None
+        self.targets: CachedTargets | OnlineTargets | None = None
+        if terms or cfg.distill.pseudo_labels:
             if cfg.distill.teacher:
-                self.teacher, arch = model_from_checkpoint(cfg.distill.teacher)
+                teacher, arch = model_from_checkpoint(cfg.distill.teacher)
                 if arch["num_classes"] != self.dataset.num_classes:
                     raise SkdError(f"teacher {cfg.distill.teacher} predicts {arch['num_classes']} classes, "
                                    f"{data.dataset} has {self.dataset.num_classes}")
-                self.teacher.to(self.device).eval().requires_grad_(False)
+                self.targets = OnlineTargets(teacher.to(self.device))
                 log.info("online distillation: %s runs on every batch%s", cfg.distill.teacher,
                          " (the cache setting is ignored)" if cfg.distill.cache else "")
             elif cfg.distill.cache:
                 self.store = TeacherStore(cfg.distill.cache)
                 self.store.check_matches(self.dataset)
-                log.info("distilling from the cache %s (teacher %s)", redact(cfg.distill.cache),
-                         self.store.attrs["teacher"].get("name"))
+                if "pa" in terms:
+                    self._check_feature_resolution()
+                self.targets = CachedTargets()
+                log.info("distilling from the cache %s (teacher %s, levels %s)", redact(cfg.distill.cache),
+                         self.store.attrs["teacher"].get("name"), self.store.levels)
             else:
                 raise SkdError("distillation needs a teacher: pass --cache STORE or --teacher CHECKPOINT")
 
@@ -102,14 +97,9 @@ class Trainer:
         t = cfg.train
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         self.scheduler = poly_schedule(self.optimizer, t.iterations, t.poly_power)
-        self.discriminator = self.d_optimizer = self.d_scheduler = None
-        if "ho" in terms:
-            d = cfg.distill
-            self.discriminator = Discriminator(self.dataset.num_classes, conditioning=d.d_conditioning).to(self.device)
-            params = self.discriminator.parameters()
-            self.d_optimizer = (torch.optim.SGD(params, lr=d.d_lr, momentum=0.9) if d.d_optimizer == "sgd"
-                                else torch.optim.Adam(params, lr=d.d_lr, betas=(0.9, 0.99)))
-            self.d_scheduler = poly_schedule(self.d_optimizer, t.iterations, t.poly_power)
+        self.amp = t.amp and self.device.type == "cuda"
+        self.holistic = (HolisticTerm(self.dataset.num_classes, cfg.distill, t.iterations, t.poly_power, self.device,
+                                      autocast_cuda=self.amp) if "ho" in terms else None)
 
         self.iteration = 0
         if resume:
@@ -127,9 +117,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "iteration": self.iteration, "config": self.cfg.to_dict(),
             "torch_rng": torch.get_rng_state(),
         }
-        if self.discriminator is not None:
-            state |= {"discriminator": self.discriminator.state_dict(), "d_optimizer": self.d_optimizer.state_dict(),
-                      "d_scheduler": self.d_scheduler.state_dict()}
+        if self.holistic is not None:
+            state |= self.holistic.state_dict()
         return state
 
     def _resume(self) -> None:
@@ -142,12 +131,10 @@ class Trainer:
         self.student.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.discriminator is not None:
+        if self.holistic is not None:
             if "discriminator" not in state:
                 raise SkdError(f"--resume: {path} has no discriminator state but holistic distillation is on")
-            self.discriminator.load_state_dict(state["discriminator"])
-            self.d_optimizer.load_state_dict(state["d_optimizer"])
-            self.d_scheduler.load_state_dict(state["d_scheduler"])
+            self.holistic.load_state_dict(state)
         torch.set_rng_state(state["torch_rng"])
         self.iteration = int(state["iteration"])
         log.info("resumed %s at iteration %d", path, self.iteration)
@@ -176,64 +163,66 @@ class Trainer:
             yield from loader
             epoch, start = epoch + 1, 0
 
-    def targets(self, batch: dict, images: torch.Tensor, out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.teacher is not None:
-            return run_teacher(self.teacher, images, out_hw=out_hw)
-        return replay_targets(batch, out_hw)
+    def _check_feature_resolution(self) -> None:
+        """Pair-wise targets come from features stored max-pooled by the store's ``feature_pool``;
+        a node smaller than one stored cell (as the student sees it at the largest training scale)
+        would compare the student against an upsampled blur, worse than no target at all."""
+        data = self.cfg.data
+        crop = data.crop_size or self.dataset.image_size(0)
+        out_hw = output_size(crop)
+        node = resolve_node_size(out_hw, self.cfg.distill.pa_node)
+        cell = self.store.feature_pool * max(data.scale_range)  # one stored feature cell, in output pixels
+        if min(node) < cell:
+            raise SkdError(
+                f"pair-wise nodes of {node[0]}x{node[1]} output pixels (--pa-node {self.cfg.distill.pa_node} on a "
+                f"{out_hw[0]}x{out_hw[1]} output) are finer than the store's features: one stored cell "
+                f"(feature stride {self.store.feature_stride} px, training scales up to {max(data.scale_range):g}) "
+                f"covers {cell:g} output pixels. Use larger nodes, or re-cache with a smaller --feature-pool "
+                f"(1 keeps the teacher's full stride-{OUTPUT_STRIDE} features)")
 
     # -- one step ------------------------------------------------------------------------------
-    def step(self, batch: dict) -> dict[str, float]:
+    def step(self, batch: dict, grad_norms: bool = False) -> dict[str, float]:
+        """One student step (and one discriminator step with holistic distillation).
+
+        With ``grad_norms`` the record also holds, per loss term, the norm of the gradient it puts
+        on the student's PSP features (the last layer every term passes through): how hard each
+        term pulls, which is what a weight sweep balances.
+        """
         cfg, d = self.cfg, self.cfg.distill
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         images = normalize(batch["image"])
-        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.amp and self.device.type == "cuda")
         self.student.train()
-        with amp:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
             out = self.student(images)
         out_hw = tuple(out.logits.shape[-2:])
-        losses = {"task": task_loss(out.logits.float(), batch["label"], out.aux.float() if out.aux is not None else None,
-                                    aux_weight=cfg.train.aux_weight)}
-        if self.terms:
+        logits = out.logits.float()
+        label = batch["label"]
+        t_logits = t_features = None
+        if self.targets is not None:
             t_logits, t_features = self.targets(batch, images, out_hw)
-            valid = batch["valid"]
-            if "pi" in self.terms:
-                losses["pi"] = d.lambda_pi * pixelwise_loss(out.logits.float(), t_logits, d.temperature, valid)
-            if "pa" in self.terms:
-                node = resolve_node_size(out_hw, d.pa_node if d.pa_node < 1 else int(d.pa_node))
-                losses["pa"] = d.lambda_pa * pairwise_loss(out.features.float(), t_features, node, valid)
-            if "ho" in self.terms:
-                # Padding carries no teacher signal: both maps are blanked there, identically.
-                fake = torch.where(valid[:, None], out.logits.float(), 0.0)
-                real = torch.where(valid[:, None], t_logits, 0.0)
-                self.discriminator.requires_grad_(False)
-                with amp:
-                    losses["ho"] = d.lambda_ho * generator_loss(self.discriminator(fake, images).float(), d.d_loss)
-                self.discriminator.requires_grad_(True)
+            if d.pseudo_labels:
+                label = pseudo_labels(t_logits, batch["valid"], label.shape[-2:])
+        weight = kd_weight(self.iteration, d.kd_warmup)
+        losses = {"task": task_loss(logits, label, out.aux.float() if out.aux is not None else None,
+                                    aux_weight=cfg.train.aux_weight)}
+        valid = batch["valid"]
+        if "pi" in self.terms:
+            losses["pi"] = weight * d.lambda_pi * pixelwise_loss(logits, t_logits, d.temperature, valid)
+        if "pa" in self.terms:
+            node = resolve_node_size(out_hw, d.pa_node)
+            losses["pa"] = weight * d.lambda_pa * pairwise_loss(out.features.float(), t_features, node, valid)
+        if "ho" in self.terms:
+            losses["ho"] = weight * self.holistic.generator_loss(logits, t_logits, images, valid)
+        if grad_norms:
+            losses |= {f"grad_{name}": _grad_norm(loss, out.features) for name, loss in list(losses.items())}
         record = self._checked_values(losses)
-        total = sum(losses.values())
+        total = sum(v for k, v in losses.items() if not k.startswith("grad_"))
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
         self.scheduler.step()
-        if "ho" in self.terms:
-            record |= self.discriminator_step(real, fake.detach(), images)
-        return record
-
-    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
-        d = self.cfg.distill
-        self.discriminator.train()
-        # The penalty acts on what D looks at (softmax maps + image), as in WGAN-GP, not on logits.
-        real_in = self.discriminator.prepare_input(real, images)
-        fake_in = self.discriminator.prepare_input(fake, images)
-        d_real, d_fake = self.discriminator.score(real_in), self.discriminator.score(fake_in)
-        losses = {"d_adv": d.lambda_ho * discriminator_loss(d_real, d_fake, d.d_loss)}
-        if d.d_loss == "wgan":
-            losses["d_gp"] = d.lambda_ho * d.lambda_gp * gradient_penalty(self.discriminator.score, real_in, fake_in)
-        record = self._checked_values(losses)
-        self.d_optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        self.d_optimizer.step()
-        self.d_scheduler.step()
+        if self.holistic is not None:
+            record |= self._checked_values(self.holistic.discriminator_step(logits.detach(), t_logits, images, valid))
         return record
 
     def _checked_values(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -262,7 +251,8 @@ class Trainer:
                 if self.iteration >= t.iterations:
                     break
                 tic = time.perf_counter()
-                record = self.step(batch)
+                logged = (self.iteration + 1) % t.log_every == 0 or self.iteration + 1 == t.iterations
+                record = self.step(batch, grad_norms=logged and t.log_grad_norms)
                 self.iteration += 1
                 window.append(time.perf_counter() - tic)
                 bar.update(1)
@@ -272,7 +262,8 @@ class Trainer:
                     window = []
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k not in ("iteration", "lr", "step_s")})
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
+                                     if k not in ("iteration", "lr", "step_s") and not k.startswith("grad_")})
                     if not self.progress:
                         log.info("it %d/%d  %s", self.iteration, t.iterations,
                                  "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "iteration"))
@@ -285,6 +276,25 @@ class Trainer:
         save_checkpoint(final, {"arch": self.arch(), "model": self.student.state_dict()})
         log.info("trained %s in %.0f s -> %s", self.cfg.model.name, time.perf_counter() - started, final)
         return final
+
+
+def _grad_norm(loss: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    (grad,) = torch.autograd.grad(loss, tensor, retain_graph=True, allow_unused=True)
+    return torch.zeros((), device=tensor.device) if grad is None else grad.float().norm()
+
+
+def kd_weight(iteration: int, warmup: int) -> float:
+    """Factor on every distillation term: a linear ramp from 0 to 1 over ``warmup`` iterations
+    (no ramp at 0), so a student from scratch learns from the labels before the teacher pulls."""
+    return 1.0 if warmup <= 0 else min(1.0, (iteration + 1) / warmup)
+
+
+def pseudo_labels(teacher_log_probs: torch.Tensor, valid: torch.Tensor, label_hw: tuple[int, int]) -> torch.Tensor:
+    """The teacher's argmax at label resolution, ignore where there is no teacher target (padding).
+    A sanity check of the teacher signal: a student trained on these alone should approach the teacher."""
+    up = F.interpolate(teacher_log_probs.float(), size=label_hw, mode="bilinear", align_corners=False)
+    keep = F.interpolate(valid[:, None].float(), size=label_hw, mode="nearest")[:, 0] > 0
+    return torch.where(keep, up.argmax(1), IGNORE_INDEX)
 
 
 def train(cfg: Config, resume: bool = False, progress: bool = True) -> Path:

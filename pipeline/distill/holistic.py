@@ -1,0 +1,149 @@
+"""Holistic (adversarial) distillation: the discriminator, its optimiser and schedule, and both losses.
+
+Real = the teacher's maps, fake = the student's. Both go through the same path before D sees them,
+so that only the class distributions can tell them apart:
+
+* padding (``valid`` False) is blanked to 0 in both, before normalisation;
+* both are normalised per pixel (softmax for ``"image"`` conditioning, log_softmax for
+  ``"logits"``), which removes the log-sum-exp offset between student logits and teacher
+  log-probabilities;
+* real and fake are scored in one concatenated batch, so D's BatchNorm input layer (``"logits"``)
+  normalises them with the same statistics, in the discriminator step and in the generator step.
+
+The WGAN-GP penalty interpolates the normalised maps only; the resized image is a fixed condition
+and its channels take no part in the gradient norm (the student cannot move them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+from torch import Tensor
+
+from pipeline.config import DistillConfig
+from pipeline.distill.losses import discriminator_loss, generator_loss, gradient_penalty
+from pipeline.models.discriminator import Discriminator
+from pipeline.train.schedule import poly_schedule
+
+
+class HolisticTerm:
+    """The λ_ho-weighted adversarial term of the student loss and the online discriminator.
+
+    Args:
+        num_classes: C, channels of the segmentation maps.
+        cfg: ``lambda_ho``, ``lambda_gp``, ``d_conditioning``, ``d_loss``, ``d_optimizer``, ``d_lr``.
+        iterations, poly_power: the poly schedule of D's learning rate (the student's schedule).
+        device: where D lives.
+        autocast_cuda: run D's forward in the generator step under bf16 autocast, on CUDA only (as
+            the trainer runs the student). The discriminator step stays in float32: the gradient
+            penalty differentiates twice.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        cfg: DistillConfig,
+        iterations: int,
+        poly_power: float,
+        device: torch.device,
+        autocast_cuda: bool = True,
+    ) -> None:
+        if cfg.d_loss not in ("wgan", "hinge"):
+            raise ValueError(f"unknown d_loss {cfg.d_loss!r}; expected 'wgan' or 'hinge'")
+        self.lambda_ho = cfg.lambda_ho
+        self.lambda_gp = cfg.lambda_gp
+        self.kind = cfg.d_loss
+        self.discriminator = Discriminator(num_classes, conditioning=cfg.d_conditioning).to(device)
+        params = self.discriminator.parameters()
+        if cfg.d_optimizer == "sgd":
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.d_lr, momentum=0.9)
+        elif cfg.d_optimizer == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=cfg.d_lr, betas=(0.9, 0.99))
+        else:
+            raise ValueError(f"unknown d_optimizer {cfg.d_optimizer!r}; expected 'sgd' or 'adam'")
+        self.scheduler = poly_schedule(self.optimizer, iterations, poly_power)
+        use_amp = autocast_cuda and torch.device(device).type == "cuda"
+        self._amp: Callable[[], AbstractContextManager] = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+        )
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def inputs(
+        self, student_logits: Tensor, teacher_log_probs: Tensor, images: Tensor, valid: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(real maps, fake maps, condition) exactly as D sees them.
+
+        Teacher maps are detached; the student maps keep their graph. The condition is the
+        image resized to the map grid (None for ``"logits"`` conditioning).
+        """
+        if student_logits.shape != teacher_log_probs.shape or student_logits.dim() != 4:
+            raise ValueError("student logits and teacher log-probs must both be B×C×h×w, got "
+                             f"{tuple(student_logits.shape)} and {tuple(teacher_log_probs.shape)}")
+        b, _, h, w = student_logits.shape
+        if tuple(valid.shape) != (b, h, w):
+            raise ValueError(f"valid mask must be B×h×w = {(b, h, w)}, got {tuple(valid.shape)}")
+        if images.dim() != 4 or images.shape[0] != b:
+            raise ValueError(f"images must be B×3×H×W with B = {b}, got {tuple(images.shape)}")
+        # Padding carries no teacher signal: both maps are blanked there, identically.
+        mask = valid.bool()[:, None]
+        d = self.discriminator
+        real = d.normalize_maps(torch.where(mask, teacher_log_probs.detach().float(), 0.0))
+        fake = d.normalize_maps(torch.where(mask, student_logits.float(), 0.0))
+        condition = d.condition(images.detach(), (h, w))
+        return real, fake, condition
+
+    def _scores(self, real: Tensor, fake: Tensor, condition: Tensor | None) -> tuple[Tensor, Tensor]:
+        """D's float32 scores for real and fake, computed in one batch (shared BatchNorm statistics)."""
+        both = None if condition is None else torch.cat([condition, condition])
+        scores = self.discriminator.score_maps(torch.cat([real, fake]), both).float()
+        return scores[: real.shape[0]], scores[real.shape[0]:]
+
+    # -- student side ------------------------------------------------------------------------------
+    def generator_loss(self, student_logits: Tensor, teacher_log_probs: Tensor, images: Tensor, valid: Tensor) -> Tensor:
+        """λ_ho-weighted adversarial loss for the student (gradients flow to student_logits only; D's parameters get none)."""
+        real, fake, condition = self.inputs(student_logits, teacher_log_probs, images, valid)
+        self.discriminator.train()
+        self.discriminator.requires_grad_(False)
+        try:
+            with self._amp():
+                _, d_fake = self._scores(real, fake, condition)
+        finally:
+            self.discriminator.requires_grad_(True)
+        return self.lambda_ho * generator_loss(d_fake, self.kind)
+
+    # -- discriminator side ------------------------------------------------------------------------
+    def discriminator_step(
+        self, student_logits: Tensor, teacher_log_probs: Tensor, images: Tensor, valid: Tensor
+    ) -> dict[str, Tensor]:
+        """One optimiser + scheduler step of D on detached inputs; returns {"d_adv": ..., "d_gp": ...} (λ-weighted, d_gp only for wgan) as tensors (no .item(): the caller syncs once)."""
+        real, fake, condition = self.inputs(student_logits.detach(), teacher_log_probs, images, valid)
+        self.discriminator.train()
+        d_real, d_fake = self._scores(real, fake, condition)
+        losses = {"d_adv": self.lambda_ho * discriminator_loss(d_real, d_fake, self.kind)}
+        if self.kind == "wgan":
+            # The critic is scored on interpolated maps with the image held fixed; the gradient
+            # (and so the penalty) is taken w.r.t. the maps only.
+            gp = gradient_penalty(self.discriminator.score_maps, real, fake, condition)
+            losses["d_gp"] = self.lambda_ho * self.lambda_gp * gp
+        self.optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return {name: value.detach() for name, value in losses.items()}
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The keys the trainer has always written, so older checkpoints resume."""
+        return {
+            "discriminator": self.discriminator.state_dict(),
+            "d_optimizer": self.optimizer.state_dict(),
+            "d_scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.optimizer.load_state_dict(state["d_optimizer"])
+        self.scheduler.load_state_dict(state["d_scheduler"])
