@@ -41,6 +41,8 @@ def parse_grid(text: str) -> list[dict]:
 
 
 def _value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     for cast in (int, float):
         try:
             return cast(text)
@@ -74,7 +76,7 @@ def train_and_evaluate(args, name: str, setting: dict, mode: str, seed: int) -> 
         recipe_file.write_text(yaml.safe_dump(recipe))
         cmd = [sys.executable, "-m", "cli", "--quiet"]
         model = ["--model", args.model, "--width", str(args.width)]
-        if losses == "none":
+        if not setting and losses == "none":
             cmd += ["train-teacher", "--config", str(recipe_file), *model, "--out", str(out)]
         else:
             source = ["--teacher", args.teacher] if mode == "online" else ["--cache", args.caches[mode]]

@@ -287,3 +287,16 @@ def test_check_data_reports_a_broken_image(monkeypatch, capsys, tmp_path):
     assert "folder/train: 2 images, 1 problem(s)" in out
     problems = [line for line in out.splitlines() if line.startswith("  ")]
     assert len(problems) == 1 and "broken.png" in problems[0] and "good" not in problems[0]
+
+
+def test_train_student_help_shows_the_measured_defaults():
+    # The defaults come from the recipe sweep in docs/RESULTS.md: λ_pi = 1 on the per-pixel mean KL at
+    # T = 1 (the reference-equivalent 80 stays available as an option, not the default).
+    result = CliRunner().invoke(skd.cli, ["train-student", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "per-pixel mean KL" in text and "[default: 1]" in text.split("--lambda-pi", 1)[1].split("--temperature")[0]
+    assert "80" in text.split("--lambda-pi", 1)[1].split("--temperature")[0]
+    assert "[default: 1]" in text.split("--temperature", 1)[1].split("--lambda-pa")[0]
+    assert "[default: 0.5]" in text.split("--lambda-pa", 1)[1].split("--lambda-ho")[0]
+    assert "[default: pi,pa,ho]" in text.split("--losses", 1)[1].split("--lambda-pi")[0]

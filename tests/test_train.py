@@ -336,3 +336,21 @@ def test_bad_options_are_refused():
         merge(Config(), {"data": {"crop_size": [1, 2, 3]}})
     with pytest.raises(SkdError, match="config file not found"):
         load_config("/nonexistent/recipe.yaml")
+
+
+def test_pseudo_labels_are_the_teacher_argmax_where_it_has_a_target():
+    from pipeline.train.trainer import pseudo_labels
+
+    # One image, 2 classes on a 1x2 output grid, labels at 2x4: cell 0 says class 1, cell 1 class 0,
+    # and cell 1 is padding (no teacher target) so its pixels are ignored.
+    log_probs = torch.log(torch.tensor([[[[0.2, 0.9]], [[0.8, 0.1]]]]))
+    valid = torch.tensor([[[True, False]]])
+    labels = pseudo_labels(log_probs, valid, (2, 4))
+    assert labels.tolist() == [[[1, 1, 255, 255], [1, 1, 255, 255]]]
+
+
+def test_kd_weight_ramps_linearly():
+    from pipeline.train.trainer import kd_weight
+
+    assert [kd_weight(i, 0) for i in (0, 5)] == [1.0, 1.0]
+    assert [kd_weight(i, 4) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
