@@ -156,8 +156,9 @@ def train_teacher(ctx: click.Context, config_path: str | None, resume: bool, **k
 @click.option("--pa-node", default=None,
               help=f"Pair-wise node size: a fraction of the feature map in (0, 1] (0.5 = 2x2 nodes, 1 = whole map) "
                    f"or a fixed kernel such as 2px. [default: {_D.pa_node}]")
-@click.option("--kd-warmup", type=int, default=None,
-              help=f"Iterations over which the distillation weights ramp up from 0. [default: {_D.kd_warmup}]")
+@click.option("--kd-warmup", type=float, default=None,
+              help="Fraction of the iterations over which the distillation weights ramp up linearly from 0 "
+                   f"(the student learns from the labels first). [default: {_D.kd_warmup:g}]")
 @click.option("--pseudo-labels", is_flag=True, default=None,
               help="Sanity check: train on the teacher's argmax instead of the labels (with --losses none).")
 @click.pass_context

@@ -57,16 +57,16 @@ class Scale:
 
 
 SCALES = {
-    # One H100/H200 in <= 9 minutes. Estimate from the rates above: teacher 1500 it ~70 s; cache
-    # ~70 s (20 teacher passes per image: flip x (1 window at level 1 + 9 at level 2), against 20 s
-    # measured for 6 whole-image views); five students of 1000 it, 270 s of GPU time if run one
-    # after the other, less three at a time; evaluations and process start-ups ~100 s.
-    "gpu": Scale(1500, 1000, "360x480", 8, 1.0, 4, "auto", 3, 150, 180, 300, "360x480", "1,2", "1", True),
+    # One H100/H200 in <= 9 minutes (docs/RESULTS.md §4 has the estimate): teacher 1000 it ~46 s;
+    # cache ~70 s (20 teacher passes per image: flip x (1 window at level 1 + 9 at level 2), against
+    # 20 s measured for 6 whole-image views); five students of 1000 it, ~290 s of GPU time one after
+    # the other, less three at a time; evaluations and process start-ups ~100 s.
+    "gpu": Scale(1000, 1000, "360x480", 8, 1.0, 4, "auto", 3, 150, 180, 300, "360x480", "1,2", "1", True),
     # The 2-core CPU machine: small crops and short schedules (about an hour for the ablation).
     # (Level 1 only: a level-2 store in 128x160 windows is ~100 teacher passes per image on 2 cores.)
     "cpu": Scale(400, 300, "128x160", 8, 0.5, 1, "cpu", 1, 1800, 1800, 1800, "128x160", "1", "1", True),
     # A check that the script runs end to end (minutes on a CPU); its numbers mean nothing.
-    "smoke": Scale(4, 4, "64x80", 2, 0.125, 0, "cpu", 2, 600, 600, 600, "360x480", "1", "1", False),
+    "smoke": Scale(4, 4, "128x160", 2, 0.125, 0, "cpu", 2, 600, 600, 600, "360x480", "1", "1", False),
 }
 ABLATION = [("baseline", None, "cache"), ("pi", "pi", "cache"), ("pi_pa", "pi,pa", "cache"),
             ("pi_pa_ho", "pi,pa,ho", "cache"), ("pi_pa_ho_online", "pi,pa,ho", "online")]

@@ -202,7 +202,7 @@ class Trainer:
             t_logits, t_features = self.targets(batch, images, out_hw)
             if d.pseudo_labels:
                 label = pseudo_labels(t_logits, batch["valid"], label.shape[-2:])
-        weight = kd_weight(self.iteration, d.kd_warmup)
+        weight = kd_weight(self.iteration, round(d.kd_warmup * cfg.train.iterations))
         losses = {"task": task_loss(logits, label, out.aux.float() if out.aux is not None else None,
                                     aux_weight=cfg.train.aux_weight)}
         valid = batch["valid"]
