@@ -57,8 +57,9 @@ def main() -> None:
     raw_logits = raw_features = 0
     for i in range(len(dataset)):
         image = normalize(dataset[i]["image"].to(device))[None]
-        reference, features = predict(teacher, image, scales=pre["teacher_scales"], flip=pre["teacher_flip"])
-        stored = torch.from_numpy(store.read(i)[0]).float().to(device)[None]
+        window = tuple(pre["teacher_window"]) if pre.get("teacher_window") else None
+        reference, features = predict(teacher, image, scales=pre["teacher_scales"], flip=pre["teacher_flip"], window=window)
+        stored = torch.from_numpy(store.read_log_probs(i)).float().to(device)[None]
         for t in kl:
             log_p = (reference / t).log_softmax(1)
             log_q = (stored / t).log_softmax(1)

@@ -54,5 +54,5 @@ def evaluate_cache(store: TeacherStore, dataset, progress: bool = True, save_dir
                    save_images: int = 0) -> ConfusionMatrix:
     """mIoU of the stored teacher maps themselves (after checking they belong to ``dataset``)."""
     store.check_matches(dataset)
-    return _evaluate(dataset, lambda i, _: torch.from_numpy(store.read(i)[0]), progress, save_dir, save_images,
+    return _evaluate(dataset, lambda i, _: torch.from_numpy(store.read_log_probs(i)), progress, save_dir, save_images,
                      "evaluate cache")

@@ -116,6 +116,8 @@ def cache_teacher(
     set_cpu_threads(torch.device(device), workers)
     teacher = teacher.to(device).eval()
     levels = provenance["preprocessing"]["levels"]
+    level_arrays = {level: group[level_array(level)] for level in levels}
+    features_arr, scale_arr, done_arr = group["features"], group["feature_scale"], group["done"]
     with tqdm(total=len(dataset), initial=len(dataset) - len(pending), desc="cache-teacher",
               unit="img", disable=not progress) as bar:
         for batch in loader:
@@ -142,11 +144,11 @@ def cache_teacher(
             for k, index in enumerate(indices):
                 for level, log_probs in maps.items():
                     h, w = logit_size(image_hw[index], level)
-                    group[level_array(level)][index, :, :h, :w] = log_probs[k, :, :h, :w]
+                    level_arrays[level][index, :, :h, :w] = log_probs[k, :, :h, :w]
                 fh, fw = feature_size(image_hw[index], feature_pool)
-                group["features"][index, :, :fh, :fw] = features[k, :, :fh, :fw]
-                group["feature_scale"][index] = feature_scale[k]
-                group["done"][index] = True  # only after the maps are on disk
+                features_arr[index, :, :fh, :fw] = features[k, :, :fh, :fw]
+                scale_arr[index] = feature_scale[k]
+                done_arr[index] = True  # only after the maps are on disk
             bar.update(len(indices))
     finalize(partial, out)
     log.info("wrote %s", out)
