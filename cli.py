@@ -196,7 +196,8 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
 @click.option("--teacher-scales", default=None, help="Test-time scales averaged into the stored map, e.g. 0.75,1,1.25. [default: 1]")
 @click.option("--teacher-flip/--no-teacher-flip", default=None, help="Also average the horizontally flipped view.")
 @click.option("--teacher-window", default=None,
-              help="Run the teacher as sliding windows of HxW pixels (e.g. its training crop) instead of on whole images. [default: whole images]")
+              help="Run the teacher as sliding windows of HxW pixels (e.g. its training crop), or 'whole' for whole "
+                   "images. [default: the config's, else whole images]")
 @click.option("--levels", default=None,
               help="Also store the teacher's map of the image resized by these scales, e.g. 1,2; training reads the "
                    "level nearest each crop's scale. [default: 1]")
@@ -222,7 +223,8 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
     cfg = build_config(config_path, data={"dataset": dataset, "root": data_root, "workers": workers},
                        cache={"batch_size": batch_size, "feature_pool": feature_pool,
                               "teacher_scales": parse_floats(teacher_scales), "teacher_flip": teacher_flip,
-                              "teacher_window": parse_hw(teacher_window), "levels": parse_floats(levels)},
+                              "teacher_window": [] if (teacher_window or "").lower() == "whole" else parse_hw(teacher_window),
+                              "levels": parse_floats(levels)},
                        train={"device": device})
     ds = build_dataset(cfg.data.dataset, cfg.data.root, split, **cfg.data.options)
     arch = {"name": teacher_arch, "num_classes": num_classes or ds.num_classes} if teacher_arch else None

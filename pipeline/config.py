@@ -94,7 +94,8 @@ class CacheConfig:
     feature_pool: int = 4  # PSP features are max-pooled by this factor before storing
     teacher_scales: list[float] = field(default_factory=lambda: [1.0])
     teacher_flip: bool = False
-    teacher_window: list[int] | None = None  # [H, W]: run the teacher as sliding windows of this size
+    # [H, W]: run the teacher as sliding windows of this size; None or [] runs it on whole images.
+    teacher_window: list[int] | None = None
     levels: list[float] = field(default_factory=lambda: [1.0])  # scales at which maps are stored
 
 
@@ -161,7 +162,7 @@ def validate(cfg: Config) -> None:
         raise SkdError("train.iterations and train.batch_size must be at least 1")
     if cfg.cache.feature_pool < 1:
         raise SkdError("cache.feature_pool must be at least 1")
-    if cfg.cache.teacher_window is not None and (len(cfg.cache.teacher_window) != 2 or min(cfg.cache.teacher_window) < 8):
+    if cfg.cache.teacher_window and (len(cfg.cache.teacher_window) != 2 or min(cfg.cache.teacher_window) < 8):
         raise SkdError(f"cache.teacher_window must be [height, width] of at least 8 pixels, not {cfg.cache.teacher_window}")
     if not cfg.cache.levels or min(cfg.cache.levels) <= 0:
         raise SkdError(f"cache.levels must be positive scales, not {cfg.cache.levels}")

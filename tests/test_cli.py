@@ -22,6 +22,7 @@ from PIL import Image
 
 import cli as skd
 from conftest import CAMVID, TINY_DATA
+from pipeline.cache.store import TeacherStore
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC_CLASSES = ["sky", "road", "sidewalk", "building", "vegetation", "vehicle", "pole", "person"]
@@ -105,14 +106,15 @@ def pipeline_run(tmp_path_factory) -> dict:
            "train_store": stores / "train.zarr", "val_store": stores / "val.zarr"}
 
     run["train_teacher"] = run_ok("train-teacher", *cfg, "--out", str(teacher))
+    # The train store in sliding windows with a second level; the val store on whole images.
     run["cache_train"] = run_ok("cache-teacher", *cfg, "--teacher", str(teacher / "model.pt"),
-                                "--cache", str(run["train_store"]))
+                                "--cache", str(run["train_store"]), "--teacher-window", "16x24", "--levels", "1,2")
     run["train_student"] = run_ok("train-student", *cfg, "--cache", str(run["train_store"]), "--losses", "pi,pa,ho",
                                   "--out", str(student))
     run["evaluate_student"] = run_ok("evaluate", *cfg, "--checkpoint", str(student / "model.pt"), "--device", "cpu",
                                      "--output", str(results / "student.json"))
     run["cache_val"] = run_ok("cache-teacher", *cfg, "--teacher", str(teacher / "model.pt"), "--split", "val",
-                              "--cache", str(run["val_store"]))
+                              "--cache", str(run["val_store"]), "--teacher-window", "whole")
     run["evaluate_cache"] = run_ok("evaluate", *cfg, "--cache", str(run["val_store"]),
                                    "--output", str(results / "cache.json"))
     run["cache_info"] = run_ok("cache-info", str(run["val_store"]))
@@ -135,6 +137,9 @@ def test_pipeline_trains_teacher_and_student(pipeline_run):
     assert json.loads((student / "config.json").read_text())["distill"]["cache"] == str(pipeline_run["train_store"])
     for store in (pipeline_run["train_store"], pipeline_run["val_store"]):
         assert store.is_dir() and not Path(f"{store}.partial").exists()
+    train_pre = TeacherStore(pipeline_run["train_store"]).attrs["preprocessing"]
+    assert train_pre["teacher_window"] == [16, 24] and train_pre["levels"] == [1.0, 2.0]
+    assert TeacherStore(pipeline_run["val_store"]).attrs["preprocessing"]["teacher_window"] is None
 
 
 def check_report(report: dict) -> None:
