@@ -11,9 +11,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import SkdError
-
 from pipeline.distill.losses import parse_node_size
+from pipeline.errors import SkdError
 
 DISTILL_TERMS = ("pi", "pa", "ho")
 

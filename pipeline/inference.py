@@ -29,6 +29,13 @@ def scaled_size(image_hw: Sequence[int], scale: float) -> tuple[int, int]:
     return max(1, round(image_hw[0] * scale)), max(1, round(image_hw[1] * scale))
 
 
+def resize(images: torch.Tensor, scale: float) -> torch.Tensor:
+    """A normalised batch resized by ``scale`` (bilinear), as test-time scales and cache levels use it."""
+    if scale == 1.0:
+        return images
+    return F.interpolate(images, size=scaled_size(images.shape[-2:], scale), mode="bilinear", align_corners=False)
+
+
 def window_starts(cells: int, window_cells: int, stride_cells: int) -> list[int]:
     """Window origins (in output cells) that cover ``cells``: every ``stride_cells``, the last flush
     with the end. One window when it already covers everything."""
@@ -114,9 +121,7 @@ def predict(
     probs = features = torch.zeros(())
     views = feature_views = 0
     for scale in scales:
-        x = images
-        if scale != 1.0:
-            x = F.interpolate(images, size=scaled_size((height, width), scale), mode="bilinear", align_corners=False)
+        x = resize(images, scale)
         for flipped in (False, True) if flip else (False,):
             logits, feats = _forward(model, x.flip(-1) if flipped else x, window, window_stride)
             if flipped:

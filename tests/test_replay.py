@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 import torch.nn.functional as F
 from torch import nn
 
@@ -192,13 +193,21 @@ def test_padding_is_invalid_and_ignored_by_losses(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
+TINY_OPTIONS = {"size": [32, 48], "length": 8}
+
+
+def tiny_store(tmp_path: Path, teacher_ckpt: Path, feature_pool: int) -> Path:
+    """The tiny teacher's cache of 8 synthetic 32x48 training images."""
+    dataset = build_dataset("synthetic", None, "train", **TINY_OPTIONS)
+    model, arch = model_from_checkpoint(teacher_ckpt)
+    info = {**arch, "checkpoint": teacher_ckpt.name, "weights_sha256": file_sha256(teacher_ckpt)}
+    return cache_teacher(model, info, dataset, tmp_path / "train.zarr", batch_size=8, feature_pool=feature_pool,
+                         workers=0, progress=False)
+
+
 def test_cached_and_online_teacher_give_same_losses(tmp_path: Path, tiny_teacher: Path):
-    options = {"size": [32, 48], "length": 8}
-    dataset = build_dataset("synthetic", None, "train", **options)
-    model, arch = model_from_checkpoint(tiny_teacher)
-    info = {**arch, "checkpoint": tiny_teacher.name, "weights_sha256": file_sha256(tiny_teacher)}
-    store = cache_teacher(model, info, dataset, tmp_path / "train.zarr", batch_size=8, feature_pool=1, workers=0,
-                          progress=False)
+    options = TINY_OPTIONS
+    store = tiny_store(tmp_path, tiny_teacher, feature_pool=1)
 
     def first_step(name: str, teacher_source: dict) -> tuple[dict, dict]:
         cfg = merge(Config(), {
@@ -264,12 +273,8 @@ def test_a_level_2_store_replays_a_scale_2_crop_as_the_teacher_sees_it(tmp_path,
 
 
 def test_pairwise_nodes_finer_than_the_stored_features_are_refused(tmp_path: Path, tiny_teacher: Path):
-    options = {"size": [32, 48], "length": 8}
-    dataset = build_dataset("synthetic", None, "train", **options)
-    model, arch = model_from_checkpoint(tiny_teacher)
-    info = {**arch, "checkpoint": tiny_teacher.name, "weights_sha256": file_sha256(tiny_teacher)}
-    store = cache_teacher(model, info, dataset, tmp_path / "train.zarr", batch_size=8, feature_pool=2, workers=0,
-                          progress=False)
+    options = TINY_OPTIONS
+    store = tiny_store(tmp_path, tiny_teacher, feature_pool=2)
     assert TeacherStore(store).attrs["feature_stride"] == 16
 
     def config(node, scale_high: float) -> Config:
@@ -287,3 +292,26 @@ def test_pairwise_nodes_finer_than_the_stored_features_are_refused(tmp_path: Pat
         with pytest.raises(SkdError, match="finer than the store's features"):
             Trainer(config(node, scale_high), progress=False)
     Trainer(config(0.5, 1.0), progress=False)
+
+
+def test_a_store_from_before_levels_and_feature_scales_still_replays(tmp_path: Path, tiny_teacher: Path):
+    """Stores written before this format gained ``logit_levels``, ``feature_stride`` and the
+    ``feature_scale`` array hold level 1 and unscaled features: they read as such."""
+    store_path = tiny_store(tmp_path, tiny_teacher, feature_pool=1)
+    group = zarr.open_group(str(store_path), mode="r+")
+    features = group["features"][:].astype(np.float32) * group["feature_scale"][:][:, None, None, None]
+    group["features"][:] = features.astype(np.float16)  # what the old writer stored
+    del group["feature_scale"]
+    for key in ("logit_levels", "feature_stride"):
+        del group.attrs[key]
+
+    store = TeacherStore(store_path)
+    assert store.levels == [1.0] and store.feature_stride == 8
+    assert (store.feature_scale == 1.0).all()
+    dataset = build_dataset("synthetic", None, "train", **TINY_OPTIONS)
+    batch = collate([TrainingSamples(dataset, AugmentConfig(crop_size=(32, 48), scale_range=(1.0, 2.0)), store)[i] for i in range(4)])
+    _, replayed = replay_targets(batch, (4, 6))
+    assert torch.isfinite(replayed).all()
+    # At scale 1 the replayed features are the stored ones, unscaled.
+    item = collate([TrainingSamples(dataset, AugmentConfig(), store)[0]])
+    torch.testing.assert_close(replay_targets(item, (4, 6))[1][0], torch.from_numpy(features[0]), atol=1e-2, rtol=1e-2)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline.cache.store import create_store, feature_size, finalize, level_array, logit_size
-from pipeline.inference import predict, scaled_size
+from pipeline.inference import predict, resize
 from pipeline.device import set_cpu_threads
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from pipeline.errors import SkdError
@@ -124,11 +124,8 @@ def cache_teacher(
             images = normalize(batch["image"].to(device, non_blocking=True))
             maps = {}
             for level in levels:
-                x = images
-                if level != 1.0:
-                    x = F.interpolate(images, size=scaled_size(images.shape[-2:], level), mode="bilinear",
-                                      align_corners=False)
-                maps[level], level_features = predict(teacher, x, scales=scales, flip=flip, window=window)
+                maps[level], level_features = predict(teacher, resize(images, level), scales=scales, flip=flip,
+                                                       window=window)
                 if level == 1.0:
                     features = level_features
             if feature_pool > 1:
@@ -157,11 +154,13 @@ def cache_teacher(
 
 def _check_finite(dataset, indices: list[int], maps: dict[float, torch.Tensor], features: torch.Tensor,
                   feature_scale: torch.Tensor) -> None:
-    """Refuse NaN/inf teacher outputs (a diverged or broken teacher), naming the image."""
+    """Refuse NaN/inf teacher outputs (a diverged or broken teacher), naming the image.
+    One device sync per batch: the per-image checks run only once something is not finite."""
+    finite = {f"log-probabilities at scale {level:g}": torch.isfinite(m).flatten(1).all(1) for level, m in maps.items()}
+    finite["features"] = torch.isfinite(features).flatten(1).all(1) & torch.isfinite(feature_scale)
+    finite = {what: ok.cpu() for what, ok in finite.items()}
     for k, index in enumerate(indices):
-        bad = [f"log-probabilities at scale {level:g}" for level, m in maps.items() if not torch.isfinite(m[k]).all()]
-        if not (torch.isfinite(features[k]).all() and torch.isfinite(feature_scale[k])):
-            bad.append("features")
+        bad = [what for what, ok in finite.items() if not ok[k]]
         if bad:
             raise SkdError(f"the teacher's {' and '.join(bad)} for image {dataset.ids[index]!r} (#{index}) are not finite "
                            "(NaN or inf): check the teacher checkpoint; images before it are kept and a re-run resumes")
