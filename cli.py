@@ -161,6 +161,9 @@ def train_teacher(ctx: click.Context, config_path: str | None, resume: bool, **k
                    f"(the student learns from the labels first). [default: {_D.kd_warmup:g}]")
 @click.option("--pseudo-labels", is_flag=True, default=None,
               help="Sanity check: train on the teacher's argmax instead of the labels (with --losses none).")
+@click.option("--views/--no-views", default=None,
+              help="With a store that holds a bank of training views (cache-teacher --views), train on them "
+                   "(exact teacher targets), or replay its whole-image maps onto fresh augmentations. [default: views]")
 @click.pass_context
 def train_student(ctx: click.Context, config_path: str | None, resume: bool, **kw: Any) -> None:
     """Train a student from cached teacher outputs (or an online teacher).
@@ -175,7 +178,7 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
     updates["distill"] = {"losses": parse_terms(kw["losses"]), "lambda_pi": kw["lambda_pi"], "lambda_pa": kw["lambda_pa"],
                           "lambda_ho": kw["lambda_ho"], "pa_node": kw["pa_node"], "teacher": kw["teacher"],
                           "cache": kw["cache"], "temperature": kw["temperature"], "kd_warmup": kw["kd_warmup"],
-                          "pseudo_labels": kw["pseudo_labels"]}
+                          "pseudo_labels": kw["pseudo_labels"], "views": kw["views"]}
     cfg = build_config(config_path, **updates)
     if (cfg.distill.losses or cfg.distill.pseudo_labels) and not cfg.distill.teacher and not cfg.distill.cache:
         cfg.distill.cache = default_cache(cfg.data.dataset, cfg.data.train_split)
@@ -201,6 +204,10 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
 @click.option("--levels", default=None,
               help="Also store the teacher's map of the image resized by these scales, e.g. 1,2; training reads the "
                    "level nearest each crop's scale. [default: 1]")
+@click.option("--views", type=int, default=None,
+              help="Also store K augmented training views per image, drawn with the config's crop, scales, flip "
+                   "and jitter, with the teacher's maps on each: exact targets for training at K times the "
+                   "bytes of one crop's maps. [default: 0]")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes. [default: 2]")
 @click.option("--device", default=None, help="auto, cpu, cuda ... [default: auto]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing (or partial) store instead of refusing / resuming.")
@@ -208,13 +215,14 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
 def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str | None, data_root: str | None,
                       teacher: str, teacher_arch: str | None, num_classes: int | None, split: str, cache: str | None,
                       batch_size: int | None, feature_pool: int | None, teacher_scales: str | None,
-                      teacher_flip: bool | None, teacher_window: str | None, levels: str | None, workers: int | None,
-                      device: str | None, overwrite: bool) -> None:
+                      teacher_flip: bool | None, teacher_window: str | None, levels: str | None, views: int | None,
+                      workers: int | None, device: str | None, overwrite: bool) -> None:
     """Run the teacher once over a split and write its outputs to a Zarr v3 store.
 
     Stores float16 log-probabilities at output stride 8 (at each of --levels), max-pooled PSP features,
     image ids, per-image done flags and JSON provenance. An interrupted run resumes where it stopped.
     """
+    from pipeline.cache.views import view_spec
     from pipeline.cache.writer import cache_teacher
     from pipeline.data import build_dataset
     from pipeline.train.checkpoint import file_sha256, model_from_checkpoint
@@ -224,7 +232,7 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
                        cache={"batch_size": batch_size, "feature_pool": feature_pool,
                               "teacher_scales": parse_floats(teacher_scales), "teacher_flip": teacher_flip,
                               "teacher_window": [] if (teacher_window or "").lower() == "whole" else parse_hw(teacher_window),
-                              "levels": parse_floats(levels)},
+                              "levels": parse_floats(levels), "views": views},
                        train={"device": device})
     ds = build_dataset(cfg.data.dataset, cfg.data.root, split, **cfg.data.options)
     arch = {"name": teacher_arch, "num_classes": num_classes or ds.num_classes} if teacher_arch else None
@@ -237,6 +245,7 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
     path = cache_teacher(model, info, ds, out, batch_size=c.batch_size, device=resolve_device(cfg.train.device),
                          feature_pool=c.feature_pool, scales=c.teacher_scales, flip=c.teacher_flip,
                          window=tuple(c.teacher_window) if c.teacher_window else None, levels=c.levels,
+                         views=view_spec(cfg.data.augment(), c.views) if c.views else None,
                          workers=cfg.data.workers, overwrite=overwrite, progress=ctx.obj["progress"])
     click.echo(f"teacher cache written to {path}")
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.data.transforms import AugmentConfig
 from pipeline.distill.losses import parse_node_size
 from pipeline.errors import SkdError
 
@@ -31,6 +32,11 @@ class DataConfig:
     workers: int = 2
     prefetch_factor: int = 2
     pin_memory: bool = True
+
+    def augment(self) -> AugmentConfig:
+        """The training augmentation these settings ask for."""
+        return AugmentConfig(tuple(self.crop_size) if self.crop_size else None, tuple(self.scale_range), self.flip,
+                             self.color_jitter)
 
 
 @dataclass
@@ -67,6 +73,9 @@ class DistillConfig:
     kd_warmup: float = 0.33
     # Sanity check of the teacher signal: the task loss uses the teacher's argmax instead of the labels.
     pseudo_labels: bool = False
+    # Train on the store's bank of views (exact teacher targets) when it has one; False replays its
+    # whole-image maps onto fresh augmentations instead.
+    views: bool = True
 
 
 @dataclass
@@ -96,6 +105,9 @@ class CacheConfig:
     # [H, W]: run the teacher as sliding windows of this size; None or [] runs it on whole images.
     teacher_window: list[int] | None = None
     levels: list[float] = field(default_factory=lambda: [1.0])  # scales at which maps are stored
+    # Training views stored per image with the teacher's maps on each (0: none). They are drawn with
+    # the data section's augmentation (crop, scales, flip, jitter), which training must then share.
+    views: int = 0
 
 
 @dataclass
@@ -163,6 +175,10 @@ def validate(cfg: Config) -> None:
         raise SkdError("cache.feature_pool must be at least 1")
     if cfg.cache.teacher_window and (len(cfg.cache.teacher_window) != 2 or min(cfg.cache.teacher_window) < 8):
         raise SkdError(f"cache.teacher_window must be [height, width] of at least 8 pixels, not {cfg.cache.teacher_window}")
+    if cfg.cache.views < 0:
+        raise SkdError(f"cache.views must be 0 (no view bank) or more, not {cfg.cache.views}")
+    if cfg.cache.views and not cfg.data.crop_size:
+        raise SkdError("cache.views needs data.crop_size: views are training crops")
     if not cfg.cache.levels or min(cfg.cache.levels) <= 0:
         raise SkdError(f"cache.levels must be positive scales, not {cfg.cache.levels}")
     if not 0.0 <= cfg.distill.kd_warmup <= 1.0:

@@ -6,6 +6,9 @@ Here the worker reads only the part of the cached maps under that box (one image
 cache's low resolution), and the training device resamples it onto the student's output grid with
 ``roi_align(aligned=True)``, flips it when the image was flipped, and marks with a validity mask the
 output pixels that fall outside the image (padding), which carry no teacher signal.
+
+A store with a bank of training views (``pipeline.cache.views``) replays nothing: the sample is one
+of the stored views, and its targets are the teacher's maps on exactly that input.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from pipeline.cache.store import TeacherStore, logit_size
-from pipeline.data.transforms import AugmentConfig, apply_params, color_jitter, crop_box, sample_params
+from pipeline.cache.views import crop_params, view_for_epoch
+from pipeline.data.transforms import AugmentConfig, apply_jitter, apply_params, crop_box, sample_jitter, sample_params
 from pipeline.inference import OUTPUT_STRIDE, output_size, scaled_size
 
 
@@ -47,18 +51,23 @@ def cache_window(box: torch.Tensor, map_hw: tuple[int, int], pool: int = 1) -> t
 class TrainingSamples(torch.utils.data.Dataset):
     """Augmented samples of ``dataset`` with, when a store is given, the cached teacher maps under them.
 
-    Items: ``image`` uint8 3×h×w, ``label`` int64 h×w, ``flip`` bool, ``valid`` bool mask on the output
-    grid, and with a store ``teacher_logits`` / ``teacher_features`` (float16 windows of the cache)
-    with their boxes ``logit_box`` / ``feature_box`` in window coordinates. ``features=False`` skips
-    reading the features (nothing needs them without pair-wise distillation).
+    Items: ``image`` uint8 3×h×w, ``label`` int64 h×w, ``valid`` bool mask on the output grid, and
+    with a store ``teacher_logits`` / ``teacher_features`` (float16 windows of the cache) with their
+    boxes ``logit_box`` / ``feature_box`` in window coordinates and ``flip``, whether replay must
+    mirror them. ``features=False`` skips reading the features (nothing needs them without
+    pair-wise distillation). ``views=True`` takes each sample among the store's bank of views (which
+    must exist) instead of augmenting afresh.
     """
 
     def __init__(self, dataset, augment: AugmentConfig, store: TeacherStore | None = None, seed: int = 0,
-                 features: bool = True):
+                 features: bool = True, views: bool = False):
+        if views and not (store is not None and store.views):
+            raise ValueError("views=True needs a store with a bank of views")
         self.dataset = dataset
         self.augment = augment
         self.store = store
         self.features = features
+        self.views = views
         self.seed = seed
         self.epoch = 0
 
@@ -68,17 +77,36 @@ class TrainingSamples(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         item = self.dataset[index]
         image_hw = tuple(item["image"].shape[-2:])
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        params = sample_params(self.augment, image_hw, rng)
+        if self.views:
+            view = view_for_epoch(self.store.views["count"], self.seed, index, self.epoch)
+            params, jitter = crop_params(self.store.view_crops[index, view]), tuple(self.store.view_jitter[index, view])
+        else:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            params = sample_params(self.augment, image_hw, rng)
+            jitter = sample_jitter(self.augment.color_jitter, rng)
         image, label = apply_params(item["image"], item["label"], params, self.augment.crop_size)
-        image = color_jitter(image, self.augment.color_jitter, rng)
+        image = apply_jitter(image, jitter)
         out_hw = output_size(tuple(image.shape[-2:]))
         box = crop_box(params, image_hw, (out_hw[0] * OUTPUT_STRIDE, out_hw[1] * OUTPUT_STRIDE))
         valid = valid_mask(box, image_hw, out_hw)
         sample = {"image": image, "label": label, "flip": params.flip, "valid": valid.flip(-1) if params.flip else valid}
-        if self.store is not None:
+        if self.views:
+            sample |= self._view_targets(index, view, out_hw)
+        elif self.store is not None:
             sample |= self._cached_targets(index, image_hw, box, params.scaled_hw[0] / image_hw[0])
         return sample
+
+    def _view_targets(self, index: int, view: int, out_hw: tuple[int, int]) -> dict:
+        """The teacher's maps on this very view: already the student's grid, already flipped."""
+        log_probs, features = self.store.read_view(index, view, self.features)
+        targets = {"teacher_logits": torch.from_numpy(log_probs), "flip": False,
+                   "logit_box": torch.tensor([0.0, 0.0, out_hw[1], out_hw[0]], dtype=torch.float64)}
+        if self.features:
+            pool = self.store.feature_pool
+            targets["teacher_features"] = torch.from_numpy(features)
+            targets["feature_box"] = targets["logit_box"] / pool
+            targets["feature_scale"] = torch.tensor(float(self.store.view_feature_scale[index, view]))
+        return targets
 
     def _cached_targets(self, index: int, image_hw: tuple[int, int], box: torch.Tensor, scale: float) -> dict:
         """Windows of the cached maps under ``box`` (original pixels), with the box in window cells.

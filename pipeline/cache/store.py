@@ -12,6 +12,10 @@ Layout (opens with plain ``zarr.open_group``)::
                the per-image ``feature_scale`` (so they never overflow float16)
     feature_scale (N,) float32  features × feature_scale = the teacher's features
     image_hw   (N, 2) int32  each image's true size; maps are top-left aligned on a fixed canvas
+    view_*     optional bank of K augmented training views per image with the teacher's maps on
+               each (``pipeline.cache.views``): view_crops (N, K, 5) int32, view_jitter (N, K, 3),
+               view_log_probs (N, K, C, ho, wo), view_features (N, K, F, hf, wf) pooled and scaled
+               like ``features``, view_feature_scale (N, K); attribute ``preprocessing.views``
     done       (N,) bool     set after an image's maps are written, so a re-run resumes
 
 A store is written to ``<path>.partial`` and renamed (or zipped) only when every image is done,
@@ -88,6 +92,7 @@ def create_store(
     """
     image_hw = np.asarray(image_hw, dtype=np.int32)
     n = len(image_hw)
+    views = provenance["preprocessing"].get("views")
     largest = image_hw.max(axis=0)
     feat_canvas = feature_size(largest, feature_pool)
     fixed_size = bool((image_hw == image_hw[0]).all())
@@ -118,6 +123,23 @@ def create_store(
         attributes={"content": f"PSP features max-pooled by {feature_pool}, divided by feature_scale"},
     )
     group.create_array("feature_scale", shape=(n,), dtype="float32", chunks=(1,), fill_value=np.nan)
+    if views:
+        k, out_hw = views["count"], output_size(views["crop_size"])
+        view_feat = (math.ceil(out_hw[0] / feature_pool), math.ceil(out_hw[1] / feature_pool))
+        # One chunk per view: a training sample reads only its own.
+        group.create_array(
+            "view_log_probs", shape=(n, k, num_classes, *out_hw), dtype="float16", chunks=(1, 1, num_classes, *out_hw),
+            compressors=BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=2), fill_value=np.nan,
+            attributes={"content": "teacher log-probabilities on each stored training view (as the student sees it)"})
+        group.create_array(
+            "view_features", shape=(n, k, feature_channels, *view_feat), dtype="float16",
+            chunks=(1, 1, feature_channels, *view_feat), compressors=ZstdCodec(level=3), fill_value=np.nan,
+            attributes={"content": f"PSP features of each view, max-pooled by {feature_pool}, divided by view_feature_scale"})
+        group.create_array("view_feature_scale", shape=(n, k), dtype="float32", chunks=(1, k), fill_value=np.nan)
+        group.create_array("view_crops", shape=(n, k, 5), dtype="int32", chunks=(1, k, 5), fill_value=0,
+                           attributes={"content": "per view: scaled height, scaled width, crop top, crop left, flip"})
+        group.create_array("view_jitter", shape=(n, k, 3), dtype="float32", chunks=(1, k, 3), fill_value=1.0,
+                           attributes={"content": "per view: brightness, contrast, saturation factors"})
     group.create_array("image_hw", data=image_hw, chunks=(max(n, 1), 2))
     # One chunk per flag: a run killed while writing a flag can only lose that image's flag.
     group.create_array("done", shape=(n,), dtype="bool", chunks=(1,), fill_value=False)
@@ -154,6 +176,12 @@ class TeacherStore:
         names = set(self.group.array_keys())
         self.feature_scale: np.ndarray = (self.group["feature_scale"][:] if "feature_scale" in names
                                           else np.ones(len(self.ids), dtype=np.float32))
+        # The bank of stored training views (None without one); its parameters are small: read once.
+        self.views: dict | None = attrs.get("preprocessing", {}).get("views")
+        if self.views:
+            self.view_crops: np.ndarray = self.group["view_crops"][:]
+            self.view_jitter: np.ndarray = self.group["view_jitter"][:]
+            self.view_feature_scale: np.ndarray = self.group["view_feature_scale"][:]
 
     @property
     def group(self) -> zarr.Group:
@@ -206,6 +234,12 @@ class TeacherStore:
         frows = slice(rows.start // p, min(math.ceil(rows.stop / p), fh))
         fcols = slice(cols.start // p, min(math.ceil(cols.stop / p), fw))
         return self.group["features"][index, :, frows, fcols]
+
+    def read_view(self, index: int, view: int, features: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """The teacher's (log-probabilities, features) on one stored view of image ``index``, float16
+        on the view's output grid (features pooled and scaled as stored; None with ``features=False``)."""
+        log_probs = self.group["view_log_probs"][index, view]
+        return log_probs, self.group["view_features"][index, view] if features else None
 
     def nearest_level(self, scale: float) -> float:
         """The stored level closest to ``scale`` in ratio (log) terms."""

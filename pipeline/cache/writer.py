@@ -22,28 +22,45 @@ import pipeline
 from pipeline.cache.store import create_store, feature_size, finalize, level_array, logit_size
 from pipeline.inference import predict, resize
 from pipeline.device import set_cpu_threads
-from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from pipeline.cache.views import crop_params, draw_views
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, apply_jitter, apply_params, normalize
 from pipeline.errors import SkdError
 
 log = logging.getLogger(__name__)
 
 
 def _collate(items: list[dict]) -> dict:
-    return {"image": torch.stack([it["image"] for it in items]), "index": torch.tensor([it["index"] for it in items])}
+    batch = {"image": torch.stack([it["image"] for it in items]), "index": torch.tensor([it["index"] for it in items])}
+    if "views" in items[0]:
+        for key in ("views", "view_crops", "view_jitter"):
+            batch[key] = torch.stack([it[key] for it in items])
+    return batch
 
 
 class _Indexed(torch.utils.data.Dataset):
-    """Yields the image and its position. The label is still read (by ``dataset[i]``) so that a
-    broken or mis-sized label stops caching at that file rather than a later training run."""
+    """Yields the image and its position, and with a view bank ``views`` the image's K augmented
+    views (uint8, as training will crop them) with their parameters. The label is still read (by
+    ``dataset[i]``) so that a broken or mis-sized label stops caching at that file rather than a
+    later training run."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, views: dict | None = None):
         self.dataset = dataset
+        self.views = views
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": self.dataset[i]["image"], "index": i}
+        item = self.dataset[i]
+        out = {"image": item["image"], "index": i}
+        if self.views:
+            crops, jitter = draw_views(self.views, i, tuple(item["image"].shape[-2:]))
+            crop_size = tuple(self.views["crop_size"])
+            out["views"] = torch.stack([
+                apply_jitter(apply_params(item["image"], item["label"], crop_params(row), crop_size)[0], factors)
+                for row, factors in zip(crops, jitter.tolist())])
+            out["view_crops"], out["view_jitter"] = torch.from_numpy(crops), torch.from_numpy(jitter)
+        return out
 
 
 def cache_teacher(
@@ -59,6 +76,7 @@ def cache_teacher(
     flip: bool = False,
     window: tuple[int, int] | None = None,
     levels: Sequence[float] = (1.0,),
+    views: dict | None = None,
     workers: int = 2,
     overwrite: bool = False,
     progress: bool = True,
@@ -68,7 +86,9 @@ def cache_teacher(
     ``scales``/``flip``: test-time augmentation averaged into each stored map. ``window``: run the
     teacher as sliding windows of this size (e.g. its training crop) rather than on whole images.
     ``levels``: also store the map of the image resized by each of these scales (see
-    ``create_store``), for training crops taken at those scales.
+    ``create_store``), for training crops taken at those scales. ``views``: also store a bank of
+    augmented training views with the teacher's maps on each (``pipeline.cache.views.view_spec``);
+    the teacher runs on each view as it is, with no test-time augmentation, as an online teacher would.
 
     Resumes a previous interrupted run of the same teacher on the same data (``<out>.partial``);
     refuses to mix outputs of a different teacher, dataset or setting into it.
@@ -87,7 +107,8 @@ def cache_teacher(
         "preprocessing": {"input": "RGB/255, ImageNet mean/std", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                           "teacher_scales": [float(s) for s in scales], "teacher_flip": bool(flip),
                           "teacher_window": list(window) if window else None,
-                          "levels": sorted({1.0, *(float(s) for s in levels)})},
+                          "levels": sorted({1.0, *(float(s) for s in levels)}),
+                          **({"views": views} if views else {})},
         "skd_version": pipeline.__version__,
         "torch_version": torch.__version__,
     }
@@ -110,7 +131,7 @@ def cache_teacher(
     image_hw = group["image_hw"][:]
     fixed_size = bool((image_hw == image_hw[0]).all())
     loader = DataLoader(
-        Subset(_Indexed(dataset), pending), batch_size=batch_size if fixed_size else 1, num_workers=workers,
+        Subset(_Indexed(dataset, views), pending), batch_size=batch_size if fixed_size else 1, num_workers=workers,
         collate_fn=_collate, pin_memory=torch.device(device).type == "cuda",
     )
     set_cpu_threads(torch.device(device), workers)
@@ -127,17 +148,19 @@ def cache_teacher(
                 maps[level], level_features = predict(teacher, resize(images, level), scales=scales, flip=flip,
                                                        window=window)
                 if level == 1.0:
-                    features = level_features
-            if feature_pool > 1:
-                features = F.max_pool2d(features, feature_pool, feature_pool, ceil_mode=True)
-            # A per-image positive scale keeps features within float16 (a poorly trained teacher's
-            # reach 1e5 and more); pair-wise distillation is invariant to it.
-            feature_scale = features.abs().flatten(1).amax(dim=1).clamp(min=1e-12)
-            features = features / feature_scale[:, None, None, None]
+                    features, feature_scale = _pooled_and_scaled(level_features, feature_pool)
+            outputs = {f"log-probabilities at scale {level:g}": m for level, m in maps.items()}
+            outputs |= {"features": features, "feature scale": feature_scale}
+            if views:
+                view_log_probs, view_features, view_scale = _teacher_on_views(teacher, batch["views"], feature_pool,
+                                                                              batch_size, device)
+                outputs |= {"view log-probabilities": view_log_probs, "view features": view_features}
             indices = batch["index"].tolist()
-            _check_finite(dataset, indices, maps, features, feature_scale)
+            _check_finite(dataset, indices, outputs)
             maps = {level: m.half().cpu().numpy() for level, m in maps.items()}
             features, feature_scale = features.half().cpu().numpy(), feature_scale.cpu().numpy()
+            if views:
+                view_log_probs, view_features = view_log_probs.half().cpu().numpy(), view_features.half().cpu().numpy()
             for k, index in enumerate(indices):
                 for level, log_probs in maps.items():
                     h, w = logit_size(image_hw[index], level)
@@ -145,6 +168,12 @@ def cache_teacher(
                 fh, fw = feature_size(image_hw[index], feature_pool)
                 features_arr[index, :, :fh, :fw] = features[k, :, :fh, :fw]
                 scale_arr[index] = feature_scale[k]
+                if views:
+                    group["view_log_probs"][index] = view_log_probs[k]
+                    group["view_features"][index] = view_features[k]
+                    group["view_feature_scale"][index] = view_scale[k].cpu().numpy()
+                    group["view_crops"][index] = batch["view_crops"][k].numpy()
+                    group["view_jitter"][index] = batch["view_jitter"][k].numpy()
                 done_arr[index] = True  # only after the maps are on disk
             bar.update(len(indices))
     finalize(partial, out)
@@ -152,13 +181,33 @@ def cache_teacher(
     return out
 
 
-def _check_finite(dataset, indices: list[int], maps: dict[float, torch.Tensor], features: torch.Tensor,
-                  feature_scale: torch.Tensor) -> None:
-    """Refuse NaN/inf teacher outputs (a diverged or broken teacher), naming the image.
-    One device sync per batch: the per-image checks run only once something is not finite."""
-    finite = {f"log-probabilities at scale {level:g}": torch.isfinite(m).flatten(1).all(1) for level, m in maps.items()}
-    finite["features"] = torch.isfinite(features).flatten(1).all(1) & torch.isfinite(feature_scale)
-    finite = {what: ok.cpu() for what, ok in finite.items()}
+def _pooled_and_scaled(features: torch.Tensor, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features max-pooled by ``pool`` and divided by a per-image positive scale (returned too): a
+    poorly trained teacher's features reach 1e5 and more, beyond float16; pair-wise distillation
+    compares cosine similarities, which the scale leaves unchanged."""
+    if pool > 1:
+        features = F.max_pool2d(features, pool, pool, ceil_mode=True)
+    scale = features.abs().flatten(1).amax(dim=1).clamp(min=1e-12)
+    return features / scale[:, None, None, None], scale
+
+
+def _teacher_on_views(teacher: nn.Module, views: torch.Tensor, feature_pool: int, batch_size: int,
+                      device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher on a batch of images' views (B, K, 3, h, w) uint8: log-probabilities (B, K, C, ho, wo),
+    pooled scaled features (B, K, F, hf, wf) and their scales (B, K)."""
+    b, k = views.shape[:2]
+    flat = views.flatten(0, 1)
+    log_probs, features = zip(*(predict(teacher, normalize(flat[i : i + batch_size].to(device, non_blocking=True)))
+                                for i in range(0, len(flat), batch_size)))
+    features, scale = _pooled_and_scaled(torch.cat(features), feature_pool)
+    return (torch.cat(log_probs).unflatten(0, (b, k)), features.unflatten(0, (b, k)), scale.unflatten(0, (b, k)))
+
+
+def _check_finite(dataset, indices: list[int], outputs: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN/inf teacher outputs (a diverged or broken teacher), naming the image. ``outputs``
+    hold one row per image. One device sync per batch: the per-image checks run only once
+    something is not finite."""
+    finite = {what: torch.isfinite(t.reshape(len(indices), -1)).all(1).cpu() for what, t in outputs.items()}
     for k, index in enumerate(indices):
         bad = [what for what, ok in finite.items() if not ok[k]]
         if bad:

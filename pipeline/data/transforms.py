@@ -90,11 +90,20 @@ def apply_params(
     return image.contiguous(), label.contiguous()
 
 
-def color_jitter(image: torch.Tensor, strength: float, rng: np.random.Generator) -> torch.Tensor:
-    """Random brightness, contrast and saturation; the teacher target depends on the scene, not colours."""
+def sample_jitter(strength: float, rng: np.random.Generator) -> tuple[float, float, float]:
+    """Random (brightness, contrast, saturation) factors; (1, 1, 1), drawing nothing, without jitter."""
     if strength <= 0:
-        return image
+        return (1.0, 1.0, 1.0)
     b, c, s = (1.0 + rng.uniform(-strength, strength, size=3)).tolist()
+    return (b, c, s)
+
+
+def apply_jitter(image: torch.Tensor, factors: tuple[float, float, float]) -> torch.Tensor:
+    """Scale brightness, contrast and saturation of a uint8 image; the teacher target depends on the
+    scene, not on its colours, but a teacher run on the jittered image sees them."""
+    if tuple(factors) == (1.0, 1.0, 1.0):
+        return image
+    b, c, s = factors
     x = image.float() * b
     mean = x.mean()
     x = (x - mean) * c + mean

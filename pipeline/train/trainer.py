@@ -23,7 +23,7 @@ from pipeline.cache.replay import TrainingSamples, collate
 from pipeline.cache.store import TeacherStore, redact
 from pipeline.config import Config
 from pipeline.data import build_dataset
-from pipeline.data.transforms import IGNORE_INDEX, AugmentConfig, normalize
+from pipeline.data.transforms import IGNORE_INDEX, normalize
 from pipeline.device import resolve_device, set_cpu_threads
 from pipeline.distill.holistic import HolisticTerm
 from pipeline.distill.losses import pairwise_loss, pixelwise_loss, resolve_node_size, task_loss
@@ -68,6 +68,7 @@ class Trainer:
         terms = set(cfg.distill.losses)
         self.terms = terms
         self.store = None
+        self.use_views = False
         self.targets: CachedTargets | OnlineTargets | None = None
         if terms or cfg.distill.pseudo_labels:
             if cfg.distill.teacher:
@@ -81,11 +82,16 @@ class Trainer:
             elif cfg.distill.cache:
                 self.store = TeacherStore(cfg.distill.cache)
                 self.store.check_matches(self.dataset)
+                self.use_views = bool(self.store.views) and cfg.distill.views
+                if self.use_views:
+                    self._check_views()
                 if "pa" in terms:
                     self._check_feature_resolution()
                 self.targets = CachedTargets()
-                log.info("distilling from the cache %s (teacher %s, levels %s)", redact(cfg.distill.cache),
-                         self.store.attrs["teacher"].get("name"), self.store.levels)
+                log.info("distilling from the cache %s (teacher %s, %s)", redact(cfg.distill.cache),
+                         self.store.attrs["teacher"].get("name"),
+                         f"{self.store.views['count']} stored views per image" if self.use_views
+                         else f"maps at levels {self.store.levels}")
             else:
                 raise SkdError("distillation needs a teacher: pass --cache STORE or --teacher CHECKPOINT")
 
@@ -145,9 +151,8 @@ class Trainer:
     # -- data ----------------------------------------------------------------------------------
     def batches(self) -> Iterator[dict]:
         data, t = self.cfg.data, self.cfg.train
-        augment = AugmentConfig(tuple(data.crop_size) if data.crop_size else None, tuple(data.scale_range),
-                                data.flip, data.color_jitter)
-        samples = TrainingSamples(self.dataset, augment, self.store, seed=t.seed, features="pa" in self.terms)
+        samples = TrainingSamples(self.dataset, data.augment(), self.store, seed=t.seed, features="pa" in self.terms,
+                                  views=self.use_views)
         per_epoch = len(self.dataset) // t.batch_size
         epoch, start = divmod(self.iteration, per_epoch)
         while True:
@@ -163,6 +168,19 @@ class Trainer:
             yield from loader
             epoch, start = epoch + 1, 0
 
+    def _check_views(self) -> None:
+        """A bank of views fixes the training augmentation: refuse a run that asks for another."""
+        data, bank = self.cfg.data, self.store.views
+        wanted = {"crop_size": list(data.crop_size) if data.crop_size else None,
+                  "scale_range": [float(v) for v in data.scale_range], "flip": bool(data.flip),
+                  "color_jitter": float(data.color_jitter)}
+        differ = [f"{key} {bank[key]} (this run: {value})" for key, value in wanted.items() if bank[key] != value]
+        if differ:
+            raise SkdError(
+                f"{redact(self.cfg.distill.cache)} holds {bank['count']} training views per image drawn with "
+                f"{'; '.join(differ)}: train with the store's augmentation, re-cache with this one, or pass "
+                "--no-views to replay the whole-image maps onto fresh augmentations")
+
     def _check_feature_resolution(self) -> None:
         """Pair-wise targets come from features stored max-pooled by the store's ``feature_pool``;
         a node smaller than one stored cell (as the student sees it at the largest training scale)
@@ -171,7 +189,8 @@ class Trainer:
         crop = data.crop_size or self.dataset.image_size(0)
         out_hw = output_size(crop)
         node = resolve_node_size(out_hw, self.cfg.distill.pa_node)
-        cell = self.store.feature_pool * max(data.scale_range)  # one stored feature cell, in output pixels
+        # One stored feature cell, in output pixels (views are stored on the student's own grid).
+        cell = self.store.feature_pool * (1.0 if self.use_views else max(data.scale_range))
         if min(node) < cell:
             raise SkdError(
                 f"pair-wise nodes of {node[0]}x{node[1]} output pixels (--pa-node {self.cfg.distill.pa_node} on a "
