@@ -208,6 +208,9 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
               help="Also store K augmented training views per image, drawn with the config's crop, scales, flip "
                    "and jitter, with the teacher's maps on each: exact targets for training at K times the "
                    "bytes of one crop's maps. [default: 0]")
+@click.option("--crop-size", default=None, help="With --views: the training crop HxW the views are drawn with. [default: the config's]")
+@click.option("--scale-range", default=None, help="With --views: the training scales LOW,HIGH. [default: the config's]")
+@click.option("--flip/--no-flip", default=None, help="With --views: random horizontal flips. [default: the config's]")
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes. [default: 2]")
 @click.option("--device", default=None, help="auto, cpu, cuda ... [default: auto]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing (or partial) store instead of refusing / resuming.")
@@ -216,11 +219,13 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
                       teacher: str, teacher_arch: str | None, num_classes: int | None, split: str, cache: str | None,
                       batch_size: int | None, feature_pool: int | None, teacher_scales: str | None,
                       teacher_flip: bool | None, teacher_window: str | None, levels: str | None, views: int | None,
-                      workers: int | None, device: str | None, overwrite: bool) -> None:
+                      crop_size: str | None, scale_range: str | None, flip: bool | None, workers: int | None,
+                      device: str | None, overwrite: bool) -> None:
     """Run the teacher once over a split and write its outputs to a Zarr v3 store.
 
     Stores float16 log-probabilities at output stride 8 (at each of --levels), max-pooled PSP features,
-    image ids, per-image done flags and JSON provenance. An interrupted run resumes where it stopped.
+    optionally a bank of --views augmented training crops with the teacher's maps on each, image ids,
+    per-image done flags and JSON provenance. An interrupted run resumes where it stopped.
     """
     from pipeline.cache.views import view_spec
     from pipeline.cache.writer import cache_teacher
@@ -228,7 +233,9 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
     from pipeline.train.checkpoint import file_sha256, model_from_checkpoint
     from pipeline.device import resolve_device
 
-    cfg = build_config(config_path, data={"dataset": dataset, "root": data_root, "workers": workers},
+    cfg = build_config(config_path, data={"dataset": dataset, "root": data_root, "workers": workers,
+                                          "crop_size": parse_hw(crop_size), "scale_range": parse_floats(scale_range),
+                                          "flip": flip},
                        cache={"batch_size": batch_size, "feature_pool": feature_pool,
                               "teacher_scales": parse_floats(teacher_scales), "teacher_flip": teacher_flip,
                               "teacher_window": [] if (teacher_window or "").lower() == "whole" else parse_hw(teacher_window),

@@ -1,7 +1,8 @@
 """The paper's ablation on real CamVid, end to end, sized to a time budget:
 
     teacher (ImageNet MobileNetV2 PSPNet) -> cache of the train split (the config's TTA, sliding
-    window and levels) -> students from scratch: baseline, +PI, +PI+PA, +PI+PA+HO from the cache and
+    window and levels, and a bank of training views) -> students from scratch: baseline, +PI,
+    +PI+PA, +PI+PA+HO from the cache's views, +PI+PA+HO from its whole-image maps (--no-views) and
     +PI+PA+HO online (first seed), then baseline and +PI+PA+HO from the cache for every other seed
     (``--mode seeds``: baseline and +PI+PA+HO only, for every seed)
     -> CamVid val mIoU of everything (single scale, whole image).
@@ -54,24 +55,29 @@ class Scale:
     levels: str
     teacher_scales: str
     teacher_flip: bool
+    views: int  # training views stored per image (cache-teacher --views)
 
 
 SCALES = {
     # One H100/H200 in <= 9 minutes (docs/RESULTS.md §4 has the estimate): teacher 1000 it ~46 s;
-    # cache ~70 s (20 teacher passes per image: flip x (1 window at level 1 + 9 at level 2), against
-    # 20 s measured for 6 whole-image views); five students of 1000 it, ~290 s of GPU time one after
-    # the other, less three at a time; evaluations and process start-ups ~100 s.
-    "gpu": Scale(1000, 1000, "360x480", 8, 1.0, 4, "auto", 3, 150, 180, 300, "360x480", "1,2", "1", True),
+    # cache ~100 s (28 teacher passes per image: flip x (1 window at level 1 + 9 at level 2) and 8
+    # views, against 20 s measured for 6 whole-image views); six students of 1000 it, ~360 s of GPU
+    # time one after the other, less three at a time; evaluations and process start-ups ~100 s.
+    "gpu": Scale(1000, 1000, "360x480", 8, 1.0, 4, "auto", 3, 150, 180, 300, "360x480", "1,2", "1", True, 8),
     # The 2-core CPU machine: small crops and short schedules (about an hour for the ablation).
     # (Level 1 only: a level-2 store in 128x160 windows is ~100 teacher passes per image on 2 cores.)
-    "cpu": Scale(400, 300, "128x160", 8, 0.5, 1, "cpu", 1, 1800, 1800, 1800, "128x160", "1", "1", True),
+    "cpu": Scale(400, 300, "128x160", 8, 0.5, 1, "cpu", 1, 1800, 1800, 1800, "128x160", "1", "1", True, 8),
     # A check that the script runs end to end (minutes on a CPU); its numbers mean nothing.
-    "smoke": Scale(4, 4, "128x160", 2, 0.125, 0, "cpu", 2, 600, 600, 600, "360x480", "1", "1", False),
+    "smoke": Scale(4, 4, "128x160", 2, 0.125, 0, "cpu", 2, 600, 600, 600, "360x480", "1", "1", False, 2),
 }
+# (run, terms, teacher source): "cache" trains on the store's views, "maps" replays its whole-image
+# maps onto fresh augmentations (--no-views), "online" runs the teacher live.
 ABLATION = [("baseline", None, "cache"), ("pi", "pi", "cache"), ("pi_pa", "pi,pa", "cache"),
-            ("pi_pa_ho", "pi,pa,ho", "cache"), ("pi_pa_ho_online", "pi,pa,ho", "online")]
-LABELS = {"baseline": "student baseline (CE only)", "pi": "+PI (cache)", "pi_pa": "+PI+PA (cache)",
-          "pi_pa_ho": "+PI+PA+HO (cache)", "pi_pa_ho_online": "+PI+PA+HO (online teacher)"}
+            ("pi_pa_ho", "pi,pa,ho", "cache"), ("pi_pa_ho_maps", "pi,pa,ho", "maps"),
+            ("pi_pa_ho_online", "pi,pa,ho", "online")]
+LABELS = {"baseline": "student baseline (CE only)", "pi": "+PI (cache, views)", "pi_pa": "+PI+PA (cache, views)",
+          "pi_pa_ho": "+PI+PA+HO (cache, views)", "pi_pa_ho_maps": "+PI+PA+HO (cache, whole-image maps)",
+          "pi_pa_ho_online": "+PI+PA+HO (online teacher)"}
 
 
 class Experiment:
@@ -135,7 +141,7 @@ class Experiment:
             self.skd("cache", ["cache-teacher", "--config", "configs/camvid.yaml", "--data-root", self.args.data,
                                "--device", s.device, "--workers", str(s.workers), "--teacher", str(teacher),
                                "--cache", str(store), "--teacher-window", s.teacher_window, "--levels", s.levels,
-                               "--teacher-scales", s.teacher_scales,
+                               "--teacher-scales", s.teacher_scales, "--views", str(s.views), "--crop-size", s.crop,
                                "--teacher-flip" if s.teacher_flip else "--no-teacher-flip", "--overwrite"],
                      s.timeout_cache_s)
         if store.exists():
@@ -157,8 +163,9 @@ class Experiment:
             pass
         elif losses is None:
             self.skd(run, ["train-teacher", *args], s.timeout_student_s)
-        elif source == "cache" and store.exists():
-            self.skd(run, ["train-student", *args, "--cache", str(store), "--losses", losses], s.timeout_student_s)
+        elif source in ("cache", "maps") and store.exists():
+            self.skd(run, ["train-student", *args, "--cache", str(store), "--losses", losses,
+                           "--views" if source == "cache" else "--no-views"], s.timeout_student_s)
         elif source == "online":
             self.skd(run, ["train-student", *args, "--teacher", str(teacher), "--losses", losses], s.timeout_student_s)
         if (self.work / run / "model.pt").exists():

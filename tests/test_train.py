@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import math
 from pathlib import Path
@@ -17,6 +18,7 @@ from conftest import TINY_DATA
 from pipeline.cache.writer import cache_teacher
 from pipeline.config import Config, load_config, merge
 from pipeline.data import build_dataset
+from pipeline.distill.losses import pixelwise_loss
 from pipeline.errors import SkdError
 from pipeline.models import build_model
 from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -161,6 +163,23 @@ def test_nan_stops_with_the_term_named_and_keeps_the_last_checkpoint(tiny_config
     assert not (out / "model.pt").exists()
 
 
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_config, store, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = make_config(tiny_config, out, ("pi", "pa", "ho"), cache=store)
+    calls = []
+
+    def nan_on_third_step(*args, **kwargs):
+        calls.append(1)
+        loss = pixelwise_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr("pipeline.train.trainer.pixelwise_loss", nan_on_third_step)
+    with pytest.raises(SkdError, match=r"loss term 'pi' became nan at iteration 3.*last\.pt is intact"):
+        train(cfg, progress=False)
+    assert load_checkpoint(out / "last.pt")["iteration"] == 2  # checkpoint_every 2: the state before
+    assert not (out / "model.pt").exists()
+
+
 def test_resume_without_a_checkpoint_is_refused(tiny_config, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(SkdError, match="--resume: no checkpoint"):
@@ -210,22 +229,25 @@ def test_poly_schedule_matches_the_formula():
     assert lrs[10] == 0.0
 
 
-def test_epoch_batches_restart_and_permutation():
+def test_epoch_batches_run_on_across_epochs_and_restart_anywhere():
     n, batch = 12, 3
-    full = list(EpochBatches(n, batch, seed=7, epoch=0))
-    assert len(full) == 4 and all(len(b) == batch for b in full)
-    assert sorted(i for b in full for i in b) == list(range(n))  # each epoch is a permutation
-    for start in (1, 2, 3):
-        tail = EpochBatches(n, batch, seed=7, epoch=0, start=start)
-        assert len(tail) == 4 - start
-        assert list(tail) == full[start:]
-    assert list(EpochBatches(n, batch, seed=7, epoch=0)) == full  # deterministic
-    other_epoch = list(EpochBatches(n, batch, seed=7, epoch=1))
-    assert sorted(i for b in other_epoch for i in b) == list(range(n))
-    assert other_epoch != full
-    # 10 images in batches of 3: three whole batches, the remainder is dropped.
-    ragged = list(EpochBatches(10, 3, seed=0, epoch=0))
-    assert len(ragged) == 3 and len({i for b in ragged for i in b}) == 9
+
+    def first(k: int, start: int = 0, n: int = n, batch: int = batch, seed: int = 7) -> list[list[tuple[int, int]]]:
+        return list(itertools.islice(EpochBatches(n, batch, seed=seed, start=start), k))
+
+    full = first(12)  # three epochs of four batches
+    assert all(len(b) == batch for b in full)
+    for epoch in range(3):
+        pairs = [pair for b in full[4 * epoch : 4 * epoch + 4] for pair in b]
+        assert {e for e, _ in pairs} == {epoch}
+        assert sorted(i for _, i in pairs) == list(range(n))  # each epoch is a permutation
+    assert [i for _, i in full[0] + full[1]] != [i for _, i in full[4] + full[5]]  # and a new one
+    for start in (1, 4, 6):  # a resumed run continues exactly, across epoch boundaries too
+        assert first(12 - start, start) == full[start:]
+    assert first(12) == full  # deterministic
+    # 10 images in batches of 3: three whole batches per epoch, the remainder is dropped.
+    ragged = first(3, n=10, batch=3, seed=0)
+    assert len({i for b in ragged for _, i in b}) == 9 and first(4, n=10, batch=3, seed=0)[3][0][0] == 1
 
 
 # -- checkpoints -------------------------------------------------------------------------------------

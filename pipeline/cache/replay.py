@@ -74,14 +74,16 @@ class TrainingSamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """Sample ``index`` of epoch ``epoch`` for a key ``(epoch, index)``; a plain index uses ``self.epoch``."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         item = self.dataset[index]
         image_hw = tuple(item["image"].shape[-2:])
         if self.views:
-            view = view_for_epoch(self.store.views["count"], self.seed, index, self.epoch)
+            view = view_for_epoch(self.store.views["count"], self.seed, index, epoch)
             params, jitter = crop_params(self.store.view_crops[index, view]), tuple(self.store.view_jitter[index, view])
         else:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
+            rng = np.random.default_rng([self.seed, epoch, index])
             params = sample_params(self.augment, image_hw, rng)
             jitter = sample_jitter(self.augment.color_jitter, rng)
         image, label = apply_params(item["image"], item["label"], params, self.augment.crop_size)

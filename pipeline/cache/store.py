@@ -92,7 +92,7 @@ def create_store(
     """
     image_hw = np.asarray(image_hw, dtype=np.int32)
     n = len(image_hw)
-    views = provenance["preprocessing"].get("views")
+    views = provenance.get("preprocessing", {}).get("views")
     largest = image_hw.max(axis=0)
     feat_canvas = feature_size(largest, feature_pool)
     fixed_size = bool((image_hw == image_hw[0]).all())

@@ -69,22 +69,67 @@ def crop_box(params: CropParams, image_hw: tuple[int, int], extent_hw: tuple[int
     return torch.tensor([x0, y0, x0 + extent_hw[1] / sx, y0 + extent_hw[0] / sy], dtype=torch.float64)
 
 
+def _resize_taps(in_size: int, out_size: int, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For output pixels ``first .. first + count`` (those below ``out_size``) of antialiased
+    bilinear resizing from ``in_size`` to ``out_size`` (``F.interpolate(..., antialias=True)``,
+    PIL's filter): the source pixels each one reads (rows × taps) and their weights."""
+    scale = in_size / out_size
+    support, inv = (scale, 1.0 / scale) if scale >= 1.0 else (1.0, 1.0)
+    out = np.arange(first, min(first + count, out_size), dtype=np.float64)
+    centre = scale * (out + 0.5)
+    lo = np.maximum(np.trunc(centre - support + 0.5), 0).astype(np.int64)
+    hi = np.minimum(np.trunc(centre + support + 0.5), in_size).astype(np.int64)
+    src = lo[:, None] + np.arange(int((hi - lo).max(initial=1)))[None]
+    weights = np.clip(1.0 - np.abs((src - centre[:, None] + 0.5) * inv), 0.0, None) * (src < hi[:, None])
+    weights /= np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
+    return torch.from_numpy(np.minimum(src, in_size - 1)), torch.from_numpy(weights).float()
+
+
+def _resize_crop(image: torch.Tensor, scaled_hw: tuple[int, int], top: int, left: int,
+                 crop: tuple[int, int]) -> torch.Tensor:
+    """The ``crop`` at (top, left) of ``image`` (3×H×W uint8) resized to ``scaled_hw``, computing
+    only the crop's pixels; parts beyond the scaled image are left out (the caller pads)."""
+    rows, row_w = _resize_taps(image.shape[-2], scaled_hw[0], top, crop[0])
+    cols, col_w = _resize_taps(image.shape[-1], scaled_hw[1], left, crop[1])
+    x = image[:, rows.min():rows.max() + 1, cols.min():cols.max() + 1].float()
+    rows, cols = rows - rows.min(), cols - cols.min()
+    # One tap at a time: a gather and a multiply-add of a crop-sized array each.
+    x = sum(x[:, rows[:, k]] * row_w[None, :, k, None] for k in range(rows.shape[1]))  # 3 × out rows × source cols
+    x = sum(x[:, :, cols[:, k]] * col_w[None, None, :, k] for k in range(cols.shape[1]))  # 3 × out rows × out cols
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def _nearest_indices(in_size: int, out_size: int, first: int, count: int) -> torch.Tensor:
+    """Source pixels of ``F.interpolate(..., mode="nearest")`` for output rows ``first ..``, computed
+    in float32 as PyTorch does."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    out = np.arange(first, min(first + count, out_size)).astype(np.float32)
+    return torch.from_numpy(np.minimum(np.floor(out * scale).astype(np.int64), in_size - 1))
+
+
 def apply_params(
     image: torch.Tensor, label: torch.Tensor, params: CropParams, crop_size: tuple[int, int] | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize, pad (image 0, label ignore), crop and flip a uint8 image and its int64 label."""
-    if tuple(image.shape[-2:]) != params.scaled_hw:
-        image = F.interpolate(image[None].float(), size=params.scaled_hw, mode="bilinear",
-                              align_corners=False, antialias=True)[0].round().clamp(0, 255).to(torch.uint8)
-        label = F.interpolate(label[None, None].float(), size=params.scaled_hw, mode="nearest")[0, 0].long()
+    """Resize, pad (image 0, label ignore), crop and flip a uint8 image and its int64 label.
+
+    Only the crop is computed: its rows and columns of the resize matrices are applied to the
+    source pixels under it (the same numbers as resizing the whole image first, up to float
+    rounding, at a fraction of the cost for a small crop of a large image).
+    """
     crop = crop_size or params.scaled_hw
-    pad_h = max(params.top + crop[0] - image.shape[-2], 0)
-    pad_w = max(params.left + crop[1] - image.shape[-1], 0)
+    (height, width), (scaled_h, scaled_w) = image.shape[-2:], params.scaled_hw
+    if (height, width) == (scaled_h, scaled_w):
+        image = image[:, params.top : params.top + crop[0], params.left : params.left + crop[1]]
+        label = label[params.top : params.top + crop[0], params.left : params.left + crop[1]]
+    else:
+        image = _resize_crop(image, (scaled_h, scaled_w), params.top, params.left, crop)
+        label = label[_nearest_indices(height, scaled_h, params.top, crop[0])][
+            :, _nearest_indices(width, scaled_w, params.left, crop[1])]
+    # The crop may reach beyond the scaled image: pad at the bottom/right.
+    pad_h, pad_w = crop[0] - image.shape[-2], crop[1] - image.shape[-1]
     if pad_h or pad_w:
         image = F.pad(image, (0, pad_w, 0, pad_h), value=0)
         label = F.pad(label, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
-    image = image[:, params.top : params.top + crop[0], params.left : params.left + crop[1]]
-    label = label[params.top : params.top + crop[0], params.left : params.left + crop[1]]
     if params.flip:
         image, label = image.flip(-1), label.flip(-1)
     return image.contiguous(), label.contiguous()

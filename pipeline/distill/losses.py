@@ -106,28 +106,18 @@ def pixelwise_loss(
         )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    num_classes = student_logits.shape[1]
-    # Pixels as rows: (B·H·W, C), or only the valid ones.
-    s = student_logits.permute(0, 2, 3, 1)
-    t = teacher_logits.permute(0, 2, 3, 1)
+    s = _at_least_float32(student_logits) / temperature
+    t = _at_least_float32(teacher_logits) / temperature
     if valid is not None:
         if valid.shape != (student_logits.shape[0], *student_logits.shape[2:]):
             raise ValueError(
                 f"valid mask must be B×H×W = {(student_logits.shape[0], *student_logits.shape[2:])}, "
                 f"got {tuple(valid.shape)}"
             )
-        s = s[valid.bool()]
-        t = t[valid.bool()]
-    else:
-        s = s.reshape(-1, num_classes)
-        t = t.reshape(-1, num_classes)
-    s = _at_least_float32(s)
-    if s.shape[0] == 0:
-        # Sum of an empty selection: exactly 0 and still connected to the student's graph.
-        return s.sum() * 0.0
-
-    s = s / temperature
-    t = _at_least_float32(t) / temperature
+        # Masked sums, not boolean indexing: indexing waits for the device to count the pixels.
+        # Invalid pixels are replaced (not multiplied) by 0, so NaN there never reaches the sum.
+        keep = valid.bool()[:, None]
+        s, t = torch.where(keep, s, 0.0), torch.where(keep, t, 0.0)
     log_p_s = F.log_softmax(s, dim=1)
     log_p_t = F.log_softmax(t, dim=1)
     p_t = log_p_t.exp()
@@ -135,7 +125,10 @@ def pixelwise_loss(
     # difference (not the product) keeps both the value and its gradient finite.
     diff = torch.where(p_t > 0, log_p_t - log_p_s, torch.zeros_like(log_p_s))
     kl = (p_t * diff).sum(dim=1)
-    return kl.mean() * (temperature**2)
+    if valid is None:
+        return kl.mean() * (temperature**2)
+    # No valid pixel: 0 (the sum is 0 and stays connected to the student's graph).
+    return kl.sum() / valid.sum().clamp(min=1) * (temperature**2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,12 +257,8 @@ def pairwise_loss(
         return sq.mean()
     node_valid = pool_mask_to_nodes(valid, node_size).flatten(1)  # B×n
     pair_valid = node_valid[:, :, None] & node_valid[:, None, :]  # B×n×n
-    count = pair_valid.sum()
-    if count == 0:
-        # The pooled student nodes are all 0 here (fully masked), so this is 0 even if the
-        # padded features held NaN, and it stays connected to the graph.
-        return s.sum() * 0.0
-    return torch.where(pair_valid, sq, torch.zeros_like(sq)).sum() / count
+    # Invalid nodes were pooled to 0, so ``sq`` is finite; no valid pair gives 0 (no host sync).
+    return torch.where(pair_valid, sq, torch.zeros_like(sq)).sum() / pair_valid.sum().clamp(min=1)
 
 
 # --------------------------------------------------------------------------------------------

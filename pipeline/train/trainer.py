@@ -38,19 +38,21 @@ log = logging.getLogger(__name__)
 
 
 class EpochBatches(torch.utils.data.Sampler):
-    """Batches of a seeded per-epoch permutation, starting at ``start`` (so a resumed run sees the
-    same data order as an uninterrupted one)."""
+    """Endless batches of (epoch, index) pairs: each epoch a seeded permutation of the ``n`` samples,
+    starting ``start`` batches in (so a resumed run sees the same data as an uninterrupted one).
+    The epoch travels with each index, so one loader (and its workers) serves the whole run."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0):
-        self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0):
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
 
-    def __len__(self) -> int:
-        return self.n // self.batch_size - self.start
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
-        for b in range(self.start, self.n // self.batch_size):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        per_epoch = self.n // self.batch_size
+        epoch, first = divmod(self.start, per_epoch)
+        while True:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch)).tolist()
+            for b in range(first, per_epoch):
+                yield [(epoch, i) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+            epoch, first = epoch + 1, 0
 
 
 class Trainer:
@@ -153,20 +155,16 @@ class Trainer:
         data, t = self.cfg.data, self.cfg.train
         samples = TrainingSamples(self.dataset, data.augment(), self.store, seed=t.seed, features="pa" in self.terms,
                                   views=self.use_views)
-        per_epoch = len(self.dataset) // t.batch_size
-        epoch, start = divmod(self.iteration, per_epoch)
-        while True:
-            samples.epoch = epoch  # workers are re-created each epoch and pick this up
-            loader = DataLoader(
-                samples, batch_sampler=EpochBatches(len(samples), t.batch_size, t.seed, epoch, start),
-                num_workers=data.workers, collate_fn=collate, pin_memory=data.pin_memory and self.device.type == "cuda",
-                prefetch_factor=data.prefetch_factor if data.workers > 0 else None,
-                # Its own generator: a loader drawing its worker seed from the global RNG would shift
-                # dropout and the gradient penalty after a mid-epoch resume.
-                generator=torch.Generator().manual_seed(t.seed * 100003 + epoch),
-            )
-            yield from loader
-            epoch, start = epoch + 1, 0
+        loader = DataLoader(
+            samples, batch_sampler=EpochBatches(len(samples), t.batch_size, t.seed, self.iteration),
+            num_workers=data.workers, collate_fn=collate, pin_memory=data.pin_memory and self.device.type == "cuda",
+            prefetch_factor=data.prefetch_factor if data.workers > 0 else None,
+            # Its own generator: a loader drawing its worker seed from the global RNG would shift
+            # dropout and the gradient penalty after a resume. (Samples are seeded by (seed,
+            # epoch, index) alone, whatever the worker.)
+            generator=torch.Generator().manual_seed(t.seed),
+        )
+        yield from loader
 
     def _check_views(self) -> None:
         """A bank of views fixes the training augmentation: refuse a run that asks for another."""
@@ -234,15 +232,16 @@ class Trainer:
             losses["ho"] = weight * self.holistic.generator_loss(logits, t_logits, images, valid)
         if grad_norms:
             losses |= {f"grad_{name}": _grad_norm(loss, out.features) for name, loss in list(losses.items())}
-        record = self._checked_values(losses)
         total = sum(v for k, v in losses.items() if not k.startswith("grad_"))
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
         self.scheduler.step()
         if self.holistic is not None:
-            record |= self._checked_values(self.holistic.discriminator_step(logits.detach(), t_logits, images, valid))
-        return record
+            losses |= self.holistic.discriminator_step(logits.detach(), t_logits, images, valid)
+        # The step's one host sync. A non-finite value stops the run; the state on disk is the last
+        # checkpoint, written before this step.
+        return self._checked_values(losses)
 
     def _checked_values(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
         """The loss values as floats (one device sync for all of them); a NaN/inf stops the run."""
