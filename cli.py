@@ -208,6 +208,9 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
               help="Also store K augmented training views per image, drawn with the config's crop, scales, flip "
                    "and jitter, with the teacher's maps on each: exact targets for training at K times the "
                    "bytes of one crop's maps. [default: 0]")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+              help="Run the teacher in float32 or under bfloat16 autocast (faster on GPUs; fidelity in "
+                   "docs/BENCHMARKS.md). [default: fp32]")
 @click.option("--crop-size", default=None, help="With --views: the training crop HxW the views are drawn with. [default: the config's]")
 @click.option("--scale-range", default=None, help="With --views: the training scales LOW,HIGH. [default: the config's]")
 @click.option("--flip/--no-flip", default=None, help="With --views: random horizontal flips. [default: the config's]")
@@ -219,7 +222,8 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
                       teacher: str, teacher_arch: str | None, num_classes: int | None, split: str, cache: str | None,
                       batch_size: int | None, feature_pool: int | None, teacher_scales: str | None,
                       teacher_flip: bool | None, teacher_window: str | None, levels: str | None, views: int | None,
-                      crop_size: str | None, scale_range: str | None, flip: bool | None, workers: int | None,
+                      precision: str | None, crop_size: str | None, scale_range: str | None, flip: bool | None,
+                      workers: int | None,
                       device: str | None, overwrite: bool) -> None:
     """Run the teacher once over a split and write its outputs to a Zarr v3 store.
 
@@ -239,7 +243,7 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
                        cache={"batch_size": batch_size, "feature_pool": feature_pool,
                               "teacher_scales": parse_floats(teacher_scales), "teacher_flip": teacher_flip,
                               "teacher_window": [] if (teacher_window or "").lower() == "whole" else parse_hw(teacher_window),
-                              "levels": parse_floats(levels), "views": views},
+                              "levels": parse_floats(levels), "views": views, "precision": precision},
                        train={"device": device})
     ds = build_dataset(cfg.data.dataset, cfg.data.root, split, **cfg.data.options)
     arch = {"name": teacher_arch, "num_classes": num_classes or ds.num_classes} if teacher_arch else None
@@ -252,7 +256,7 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
     path = cache_teacher(model, info, ds, out, batch_size=c.batch_size, device=resolve_device(cfg.train.device),
                          feature_pool=c.feature_pool, scales=c.teacher_scales, flip=c.teacher_flip,
                          window=tuple(c.teacher_window) if c.teacher_window else None, levels=c.levels,
-                         views=view_spec(cfg.data.augment(), c.views) if c.views else None,
+                         views=view_spec(cfg.data.augment(), c.views) if c.views else None, precision=c.precision,
                          workers=cfg.data.workers, overwrite=overwrite, progress=ctx.obj["progress"])
     click.echo(f"teacher cache written to {path}")
 

@@ -14,6 +14,7 @@ import yaml
 from pipeline.data.transforms import AugmentConfig
 from pipeline.distill.losses import parse_node_size
 from pipeline.errors import SkdError
+from pipeline.inference import PRECISIONS
 
 DISTILL_TERMS = ("pi", "pa", "ho")
 
@@ -108,6 +109,7 @@ class CacheConfig:
     # Training views stored per image with the teacher's maps on each (0: none). They are drawn with
     # the data section's augmentation (crop, scales, flip, jitter), which training must then share.
     views: int = 0
+    precision: str = "fp32"  # "bf16": the teacher under bfloat16 autocast (docs/BENCHMARKS.md: fidelity)
 
 
 @dataclass
@@ -175,6 +177,8 @@ def validate(cfg: Config) -> None:
         raise SkdError("cache.feature_pool must be at least 1")
     if cfg.cache.teacher_window and (len(cfg.cache.teacher_window) != 2 or min(cfg.cache.teacher_window) < 8):
         raise SkdError(f"cache.teacher_window must be [height, width] of at least 8 pixels, not {cfg.cache.teacher_window}")
+    if cfg.cache.precision not in PRECISIONS:
+        raise SkdError(f"cache.precision must be one of {', '.join(PRECISIONS)}, not {cfg.cache.precision!r}")
     if cfg.cache.views < 0:
         raise SkdError(f"cache.views must be 0 (no view bank) or more, not {cfg.cache.views}")
     if cfg.cache.views and not cfg.data.crop_size:

@@ -17,6 +17,7 @@ from torch import nn
 
 OUTPUT_STRIDE = 8  # every network here predicts at 1/8 of its input resolution
 LOG_PROB_FLOOR = -1.0e4  # log(0) would be -inf; float16 holds this and softmax treats it as zero
+PRECISIONS = ("fp32", "bf16")
 
 
 def output_size(input_hw: Sequence[int]) -> tuple[int, int]:
@@ -103,6 +104,7 @@ def predict(
     window: tuple[int, int] | None = None,
     window_stride: tuple[int, int] | None = None,
     out_hw: tuple[int, int] | None = None,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities and PSP features of a normalised batch (B, 3, H, W).
 
@@ -110,9 +112,12 @@ def predict(
     (test-time augmentation). Features come from the scale closest to 1, averaged over its views,
     so that a flipped replay stays exact. ``window`` (H, W pixels, rounded down to the output
     stride) runs every view as overlapping sliding windows (``window_stride``, default two thirds
-    of the window) instead of whole. Both outputs are on the stride-8 grid of the input (or
-    ``out_hw``).
+    of the window) instead of whole. ``precision`` "bf16" runs the model under bfloat16 autocast
+    (on the images' device); outputs are float32 either way. Both outputs are on the stride-8 grid
+    of the input (or ``out_hw``).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     height, width = images.shape[-2:]
     out_hw = out_hw or output_size((height, width))
     if window is not None:
@@ -123,7 +128,8 @@ def predict(
     for scale in scales:
         x = resize(images, scale)
         for flipped in (False, True) if flip else (False,):
-            logits, feats = _forward(model, x.flip(-1) if flipped else x, window, window_stride)
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits, feats = _forward(model, x.flip(-1) if flipped else x, window, window_stride)
             if flipped:
                 logits, feats = logits.flip(-1), feats.flip(-1)
             if tuple(logits.shape[-2:]) != out_hw:

@@ -200,8 +200,15 @@ def test_resume_after_kill(tmp_path, teacher_ckpt):
         f"could not interrupt the run part-way ({done_before_kill}/{length} done): {killed_log.read_text()[-2000:]}"
     assert not out.exists()
     assert partial.is_dir()
-    done_at_kill = int(zarr.open_group(str(partial), mode="r")["done"][:].sum())
+    killed = zarr.open_group(str(partial), mode="r")
+    done = killed["done"][:]
+    done_at_kill = int(done.sum())
     assert 0 < done_at_kill < length
+    # Writes run in background threads: still, nothing is marked done before all of it is on disk
+    # (the arrays' fill value is NaN, so a missing chunk would show).
+    for index in np.flatnonzero(done):
+        assert np.isfinite(killed["logits"][index]).all() and np.isfinite(killed["features"][index]).all(), index
+        assert np.isfinite(killed["feature_scale"][index])
 
     # A different teacher must not be mixed into the partial store.
     other = make_teacher(tmp_path / "other.pt", seed=1)

@@ -110,6 +110,28 @@ def test_generator_loss_is_minus_the_fake_half_of_the_joint_scores():
     torch.testing.assert_close(loss, expected)
 
 
+def test_image_conditioned_generator_loss_scores_the_fake_maps_alone_with_the_same_result():
+    """Without BatchNorm a score depends on its own sample only: the generator step skips the
+    real half of the joint batch, and its value and gradient stay those of the joint scoring."""
+    teacher_log_probs, images = teacher_and_images()
+    torch.manual_seed(1)
+    student = torch.randn(B, C, H, W, requires_grad=True)
+    term = make_term("image")
+    with torch.no_grad():
+        term.discriminator.attn1.gamma.fill_(0.5)
+        term.discriminator.attn2.gamma.fill_(-0.3)
+    d = copy.deepcopy(term.discriminator).eval()  # eval: no power iteration, the same weights twice
+    expected = -0.5 * d(torch.cat([teacher_log_probs, student]), torch.cat([images, images]))[B:].mean()
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    calls = []
+    term.discriminator.score_maps = lambda maps, cond: calls.append(len(maps)) or d.score_maps(maps, cond)
+    loss = term.generator_loss(student, teacher_log_probs, images, all_valid())
+    (grad,) = torch.autograd.grad(loss, student)
+    assert calls == [B]  # one forward, of the fake maps only
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-8)
+
+
 @pytest.mark.parametrize("conditioning", ["logits", "image"])
 def test_generator_loss_gradients_reach_the_student_only(conditioning):
     teacher_log_probs, images = teacher_and_images()

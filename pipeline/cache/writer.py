@@ -6,7 +6,9 @@ import json
 import logging
 import shutil
 import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import pipeline
 from pipeline.cache.store import create_store, feature_size, finalize, level_array, logit_size
 from pipeline.inference import predict, resize
 from pipeline.device import set_cpu_threads
-from pipeline.cache.views import crop_params, draw_views
+from pipeline.cache.views import VIEW_ARRAYS, crop_params, draw_views
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, apply_jitter, apply_params, normalize
 from pipeline.errors import SkdError
 
@@ -77,7 +79,9 @@ def cache_teacher(
     window: tuple[int, int] | None = None,
     levels: Sequence[float] = (1.0,),
     views: dict | None = None,
+    precision: str = "fp32",
     workers: int = 2,
+    write_threads: int = 4,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -89,6 +93,9 @@ def cache_teacher(
     ``create_store``), for training crops taken at those scales. ``views``: also store a bank of
     augmented training views with the teacher's maps on each (``pipeline.cache.views.view_spec``);
     the teacher runs on each view as it is, with no test-time augmentation, as an online teacher would.
+    ``precision``: "fp32", or "bf16" to run the teacher under bfloat16 autocast (recorded in the
+    provenance; docs/BENCHMARKS.md measures what it changes). Compression and writes run in
+    ``write_threads`` background threads, so the next batch's teacher pass overlaps them.
 
     Resumes a previous interrupted run of the same teacher on the same data (``<out>.partial``);
     refuses to mix outputs of a different teacher, dataset or setting into it.
@@ -106,7 +113,7 @@ def cache_teacher(
                     "num_images": len(dataset), "class_names": list(dataset.class_names), "ids": list(dataset.ids)},
         "preprocessing": {"input": "RGB/255, ImageNet mean/std", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                           "teacher_scales": [float(s) for s in scales], "teacher_flip": bool(flip),
-                          "teacher_window": list(window) if window else None,
+                          "teacher_window": list(window) if window else None, "teacher_precision": precision,
                           "levels": sorted({1.0, *(float(s) for s in levels)}),
                           **({"views": views} if views else {})},
         "skd_version": pipeline.__version__,
@@ -139,46 +146,83 @@ def cache_teacher(
     levels = provenance["preprocessing"]["levels"]
     level_arrays = {level: group[level_array(level)] for level in levels}
     features_arr, scale_arr, done_arr = group["features"], group["feature_scale"], group["done"]
+    view_handles = {name: group[name] for name in VIEW_ARRAYS} if views else {}
+    writes = _BoundedWrites(write_threads)
     with tqdm(total=len(dataset), initial=len(dataset) - len(pending), desc="cache-teacher",
-              unit="img", disable=not progress) as bar:
+              unit="img", disable=not progress) as bar, writes:
         for batch in loader:
             images = normalize(batch["image"].to(device, non_blocking=True))
             maps = {}
             for level in levels:
                 maps[level], level_features = predict(teacher, resize(images, level), scales=scales, flip=flip,
-                                                       window=window)
+                                                      window=window, precision=precision)
                 if level == 1.0:
                     features, feature_scale = _pooled_and_scaled(level_features, feature_pool)
             outputs = {f"log-probabilities at scale {level:g}": m for level, m in maps.items()}
             outputs |= {"features": features, "feature scale": feature_scale}
             if views:
-                view_log_probs, view_features, view_scale = _teacher_on_views(teacher, batch["views"], feature_pool,
-                                                                              batch_size, device)
-                outputs |= {"view log-probabilities": view_log_probs, "view features": view_features}
+                view_log_probs, view_features, view_scale = _teacher_on_views(
+                    teacher, batch["views"], feature_pool, batch_size, device, precision)
+                outputs |= {"view log-probabilities": view_log_probs, "view features": view_features,
+                            "view feature scale": view_scale}
             indices = batch["index"].tolist()
             _check_finite(dataset, indices, outputs)
             maps = {level: m.half().cpu().numpy() for level, m in maps.items()}
             features, feature_scale = features.half().cpu().numpy(), feature_scale.cpu().numpy()
             if views:
-                view_log_probs, view_features = view_log_probs.half().cpu().numpy(), view_features.half().cpu().numpy()
+                view_arrays = dict(zip(VIEW_ARRAYS, (view_log_probs.half(), view_features.half(), view_scale,
+                                                     batch["view_crops"], batch["view_jitter"])))
+                view_arrays = {name: a.cpu().numpy() for name, a in view_arrays.items()}
             for k, index in enumerate(indices):
+                writes_of_image = []  # (array, region, values): each map cut to the image's true extent
                 for level, log_probs in maps.items():
                     h, w = logit_size(image_hw[index], level)
-                    level_arrays[level][index, :, :h, :w] = log_probs[k, :, :h, :w]
+                    writes_of_image.append((level_arrays[level], (index, slice(None), slice(0, h), slice(0, w)),
+                                            log_probs[k, :, :h, :w]))
                 fh, fw = feature_size(image_hw[index], feature_pool)
-                features_arr[index, :, :fh, :fw] = features[k, :, :fh, :fw]
-                scale_arr[index] = feature_scale[k]
+                writes_of_image.append((features_arr, (index, slice(None), slice(0, fh), slice(0, fw)),
+                                        features[k, :, :fh, :fw]))
+                writes_of_image.append((scale_arr, index, feature_scale[k]))
                 if views:
-                    group["view_log_probs"][index] = view_log_probs[k]
-                    group["view_features"][index] = view_features[k]
-                    group["view_feature_scale"][index] = view_scale[k].cpu().numpy()
-                    group["view_crops"][index] = batch["view_crops"][k].numpy()
-                    group["view_jitter"][index] = batch["view_jitter"][k].numpy()
-                done_arr[index] = True  # only after the maps are on disk
+                    writes_of_image += [(view_handles[name], index, values[k]) for name, values in view_arrays.items()]
+                writes.submit(_write_image, writes_of_image, done_arr, index)
             bar.update(len(indices))
     finalize(partial, out)
     log.info("wrote %s", out)
     return out
+
+
+def _write_image(arrays: list[tuple[zarr.Array, Any, np.ndarray]], done: zarr.Array, index: int) -> None:
+    """Write one image's maps (array, region, values), then, and only then, its ``done`` flag."""
+    for array, region, values in arrays:
+        array[region] = values
+    done[index] = True
+
+
+class _BoundedWrites:
+    """Compression and writes in background threads, at most ``2 × threads`` images in flight so
+    that memory stays bounded; the first failure is raised in the caller. Leaving the ``with``
+    block waits for every write (also when the teacher loop failed, so what was computed is kept)."""
+
+    def __init__(self, threads: int):
+        self.threads = max(1, threads)
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="cache-write")
+        self.pending: deque = deque()
+
+    def submit(self, fn, *args) -> None:
+        self.pending.append(self.pool.submit(fn, *args))
+        while len(self.pending) > 2 * self.threads:
+            self.pending.popleft().result()
+
+    def __enter__(self) -> "_BoundedWrites":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 def _pooled_and_scaled(features: torch.Tensor, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,12 +236,13 @@ def _pooled_and_scaled(features: torch.Tensor, pool: int) -> tuple[torch.Tensor,
 
 
 def _teacher_on_views(teacher: nn.Module, views: torch.Tensor, feature_pool: int, batch_size: int,
-                      device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      device: torch.device | str, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher on a batch of images' views (B, K, 3, h, w) uint8: log-probabilities (B, K, C, ho, wo),
     pooled scaled features (B, K, F, hf, wf) and their scales (B, K)."""
     b, k = views.shape[:2]
     flat = views.flatten(0, 1)
-    log_probs, features = zip(*(predict(teacher, normalize(flat[i : i + batch_size].to(device, non_blocking=True)))
+    log_probs, features = zip(*(predict(teacher, normalize(flat[i : i + batch_size].to(device, non_blocking=True)),
+                                        precision=precision)
                                 for i in range(0, len(flat), batch_size)))
     features, scale = _pooled_and_scaled(torch.cat(features), feature_pool)
     return (torch.cat(log_probs).unflatten(0, (b, k)), features.unflatten(0, (b, k)), scale.unflatten(0, (b, k)))

@@ -8,7 +8,9 @@ so that only the class distributions can tell them apart:
   ``"logits"``), which removes the log-sum-exp offset between student logits and teacher
   log-probabilities;
 * real and fake are scored in one concatenated batch, so D's BatchNorm input layer (``"logits"``)
-  normalises them with the same statistics, in the discriminator step and in the generator step.
+  normalises them with the same statistics, in the discriminator step and in the generator step
+  (where a D without batch statistics, ``"image"`` conditioning, scores the fake maps alone: the
+  same numbers for half the work).
 
 The WGAN-GP penalty interpolates the normalised maps only; the resized image is a fixed condition
 and its channels take no part in the gradient norm (the student cannot move them).
@@ -109,7 +111,10 @@ class HolisticTerm:
         self.discriminator.requires_grad_(False)
         try:
             with self._amp():
-                _, d_fake = self._scores(real, fake, condition)
+                if self.discriminator.batch_independent:  # scoring real too would change nothing
+                    d_fake = self.discriminator.score_maps(fake, condition).float()
+                else:
+                    _, d_fake = self._scores(real, fake, condition)
         finally:
             self.discriminator.requires_grad_(True)
         return self.lambda_ho * generator_loss(d_fake, self.kind)

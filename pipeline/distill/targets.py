@@ -18,10 +18,13 @@ class CachedTargets:
 
 
 class OnlineTargets:
-    """The teacher run on the student's augmented input (eval mode, no gradients)."""
+    """The teacher run on the student's augmented input (eval mode, no gradients), in ``precision``
+    (the trainer passes "bf16" on CUDA with mixed precision on, as it runs the student: a fair
+    online baseline)."""
 
-    def __init__(self, teacher: nn.Module):
+    def __init__(self, teacher: nn.Module, precision: str = "fp32"):
         self.teacher = teacher.eval().requires_grad_(False)
+        self.precision = precision
 
     def __call__(self, batch: dict, images: torch.Tensor, out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return predict(self.teacher, images, out_hw=out_hw)
+        return predict(self.teacher, images, out_hw=out_hw, precision=self.precision)

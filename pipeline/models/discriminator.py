@@ -61,6 +61,8 @@ class Discriminator(nn.Module):
         self.conditioning = conditioning
         self.input_channels = num_classes + 3 if conditioning == "image" else num_classes
         self.input_norm = nn.BatchNorm2d(num_classes) if conditioning == "logits" else nn.Identity()
+        # Without BatchNorm each sample's score depends on that sample alone.
+        self.batch_independent = conditioning != "logits"
 
         self.conv1 = spectral_norm(nn.Conv2d(self.input_channels, 64, 4, stride=2, padding=1))
         self.conv2 = spectral_norm(nn.Conv2d(64, 128, 4, stride=2, padding=1))

@@ -78,7 +78,8 @@ class Trainer:
                 if arch["num_classes"] != self.dataset.num_classes:
                     raise SkdError(f"teacher {cfg.distill.teacher} predicts {arch['num_classes']} classes, "
                                    f"{data.dataset} has {self.dataset.num_classes}")
-                self.targets = OnlineTargets(teacher.to(self.device))
+                bf16 = cfg.train.amp and self.device.type == "cuda"
+                self.targets = OnlineTargets(teacher.to(self.device), precision="bf16" if bf16 else "fp32")
                 log.info("online distillation: %s runs on every batch%s", cfg.distill.teacher,
                          " (the cache setting is ignored)" if cfg.distill.cache else "")
             elif cfg.distill.cache:
@@ -125,6 +126,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "iteration": self.iteration, "config": self.cfg.to_dict(),
             "torch_rng": torch.get_rng_state(),
         }
+        if self.device.type == "cuda":  # the gradient penalty's α and dropout draw on the device
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         if self.holistic is not None:
             state |= self.holistic.state_dict()
         return state
@@ -144,6 +147,8 @@ class Trainer:
                 raise SkdError(f"--resume: {path} has no discriminator state but holistic distillation is on")
             self.holistic.load_state_dict(state)
         torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.iteration = int(state["iteration"])
         log.info("resumed %s at iteration %d", path, self.iteration)
 
