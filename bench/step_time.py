@@ -5,8 +5,12 @@ excluded. Reports per-iteration wall time through the real data loader (what a u
 the time of the step itself, plus the ratios, as JSON.
 
     python bench/step_time.py --output docs/results/step_time_cpu.json                 # CPU, small scale
+    python bench/step_time.py --losses pi --losses pi,pa --losses pi,pa,ho --profile prof.txt  # several sets
     python bench/step_time.py --dataset camvid --data-root ../shared/data/camvid \\
         --teacher runs/camvid-teacher/model.pt --crop 360x480 --device cuda --output step_time_gpu.json
+    # Cityscapes scale on a GPU: R18 x1.0 student, R101 teacher, 512x512 crops of 1024x2048 images
+    python bench/step_time.py --size 1024x2048 --crop 512x512 --student-width 1 --teacher-arch pspnet_resnet101 \\
+        --teacher-width 1 --workers 8 --device cuda --losses pi --losses pi,pa --losses pi,pa,ho --output st.json
 """
 
 from __future__ import annotations
@@ -54,6 +58,22 @@ def time_mode(cfg: Config, warmup: int, iterations: int) -> dict:
     return {"step_s": median(steps), "iteration_s": median(walls), "mean_iteration_s": sum(walls) / len(walls)}
 
 
+def profile_step(cfg: Config, warmup: int) -> str:
+    """A torch.profiler table (self time per operator) of one full training step, after warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer = Trainer(cfg, progress=False)
+    batches = trainer.batches()
+    for _ in range(warmup):
+        trainer.step(next(batches))
+    batch = next(batches)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        trainer.step(batch)
+    key = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=30)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="synthetic")
@@ -65,15 +85,19 @@ def main() -> None:
     p.add_argument("--teacher-arch", default="pspnet_resnet50")
     p.add_argument("--teacher-width", type=float, default=0.5)
     p.add_argument("--cache", default=None, help="existing store of that teacher; default: cached here first")
-    p.add_argument("--losses", default="pi,pa,ho")
+    p.add_argument("--losses", action="append", default=None,
+                   help="distillation terms, e.g. pi,pa,ho; repeat for several sets [default: pi,pa,ho]")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crop", default="128x128")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--device", default="auto")
+    p.add_argument("--profile", default=None,
+                   help="write a torch.profiler table of one cached step (the last --losses set) here")
     p.add_argument("--output", default=None)
     args = p.parse_args()
+    loss_sets = args.losses or ["pi,pa,ho"]
 
     device = resolve_device(args.device)
     options = {"size": [int(v) for v in args.size.split("x")], "length": 64} if args.dataset == "synthetic" else {}
@@ -99,22 +123,26 @@ def main() -> None:
         "train": {"iterations": 10**6, "batch_size": args.batch_size, "device": str(device), "log_every": 10**6,
                   "checkpoint_every": 10**6},
     }
-    losses = args.losses.split(",")
-    modes = {
-        "student_only": {"distill": {"losses": []}},
-        "cached_kd": {"distill": {"losses": losses, "cache": cache}},
-        "online_kd": {"distill": {"losses": losses, "teacher": teacher_path}},
-    }
     results = {}
-    for name, extra in modes.items():
+    modes = [("student_only", {"distill": {"losses": []}})]
+    for losses in loss_sets:
+        terms = losses.split(",")
+        modes += [(f"cached_{losses}", {"distill": {"losses": terms, "cache": cache}}),
+                  (f"online_{losses}", {"distill": {"losses": terms, "teacher": teacher_path}})]
+    for name, extra in modes:
         cfg = merge(Config(), {**base, **extra, "train": {**base["train"], "out": str(tmp / name)}})
         results[name] = time_mode(cfg, args.warmup, args.iterations)
-        print(f"{name:13s} step {results[name]['step_s'] * 1e3:8.1f} ms   iteration {results[name]['iteration_s'] * 1e3:8.1f} ms",
+        print(f"{name:22s} step {results[name]['step_s'] * 1e3:8.1f} ms   iteration {results[name]['iteration_s'] * 1e3:8.1f} ms",
               flush=True)
     ref = results["student_only"]
-    for name in ("cached_kd", "online_kd"):
-        results[name]["step_ratio"] = results[name]["step_s"] / ref["step_s"]
-        results[name]["iteration_ratio"] = results[name]["iteration_s"] / ref["iteration_s"]
+    for name in results:
+        if name != "student_only":
+            results[name]["step_ratio"] = results[name]["step_s"] / ref["step_s"]
+            results[name]["iteration_ratio"] = results[name]["iteration_s"] / ref["iteration_s"]
+    if args.profile:
+        extra = {"distill": {"losses": loss_sets[-1].split(","), "cache": cache}}
+        cfg = merge(Config(), {**base, **extra, "train": {**base["train"], "out": str(tmp / "profile")}})
+        Path(args.profile).write_text(profile_step(cfg, args.warmup))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
@@ -123,10 +151,10 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "commit": commit, "command": " ".join(sys.argv), "torch": torch.__version__,
         "student": f"{args.student} x{args.student_width}", "teacher": teacher_path if args.teacher else f"{args.teacher_arch} x{args.teacher_width} (random init)",
-        "dataset": args.dataset, "batch_size": args.batch_size, "crop": args.crop, "losses": losses,
+        "dataset": args.dataset, "batch_size": args.batch_size, "crop": args.crop, "losses": loss_sets,
         "warmup": args.warmup, "iterations": args.iterations, "results": results,
     }
-    print(json.dumps({k: results[k].get("iteration_ratio") for k in ("cached_kd", "online_kd")}))
+    print(json.dumps({k: round(v["step_ratio"], 3) for k, v in results.items() if "step_ratio" in v}))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report, indent=2))

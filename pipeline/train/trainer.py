@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from pipeline.cache.replay import TrainingSamples, collate
@@ -211,39 +212,45 @@ class Trainer:
         term pulls, which is what a weight sweep balances.
         """
         cfg, d = self.cfg, self.cfg.distill
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        images = normalize(batch["image"])
-        self.student.train()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-            out = self.student(images)
-        out_hw = tuple(out.logits.shape[-2:])
-        logits = out.logits.float()
+        # The named scopes show up in torch.profiler traces (bench/step_time.py --profile).
+        with record_function("student forward"):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            images = normalize(batch["image"])
+            self.student.train()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                out = self.student(images)
+            out_hw = tuple(out.logits.shape[-2:])
+            logits = out.logits.float()
         label = batch["label"]
         t_logits = t_features = None
         if self.targets is not None:
-            t_logits, t_features = self.targets(batch, images, out_hw)
+            with record_function("teacher targets"):
+                t_logits, t_features = self.targets(batch, images, out_hw)
             if d.pseudo_labels:
                 label = pseudo_labels(t_logits, batch["valid"], label.shape[-2:])
         weight = kd_weight(self.iteration, round(d.kd_warmup * cfg.train.iterations))
-        losses = {"task": task_loss(logits, label, out.aux.float() if out.aux is not None else None,
-                                    aux_weight=cfg.train.aux_weight)}
-        valid = batch["valid"]
-        if "pi" in self.terms:
-            losses["pi"] = weight * d.lambda_pi * pixelwise_loss(logits, t_logits, d.temperature, valid)
-        if "pa" in self.terms:
-            node = resolve_node_size(out_hw, d.pa_node)
-            losses["pa"] = weight * d.lambda_pa * pairwise_loss(out.features.float(), t_features, node, valid)
-        if "ho" in self.terms:
-            losses["ho"] = weight * self.holistic.generator_loss(logits, t_logits, images, valid)
+        with record_function("losses"):
+            losses = {"task": task_loss(logits, label, out.aux.float() if out.aux is not None else None,
+                                        aux_weight=cfg.train.aux_weight)}
+            valid = batch["valid"]
+            if "pi" in self.terms:
+                losses["pi"] = weight * d.lambda_pi * pixelwise_loss(logits, t_logits, d.temperature, valid)
+            if "pa" in self.terms:
+                node = resolve_node_size(out_hw, d.pa_node)
+                losses["pa"] = weight * d.lambda_pa * pairwise_loss(out.features.float(), t_features, node, valid)
+            if "ho" in self.terms:
+                losses["ho"] = weight * self.holistic.generator_loss(logits, t_logits, images, valid)
         if grad_norms:
             losses |= {f"grad_{name}": _grad_norm(loss, out.features) for name, loss in list(losses.items())}
-        total = sum(v for k, v in losses.items() if not k.startswith("grad_"))
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizer.step()
-        self.scheduler.step()
+        with record_function("backward and update"):
+            total = sum(v for k, v in losses.items() if not k.startswith("grad_"))
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+            self.scheduler.step()
         if self.holistic is not None:
-            losses |= self.holistic.discriminator_step(logits.detach(), t_logits, images, valid)
+            with record_function("discriminator step"):
+                losses |= self.holistic.discriminator_step(logits.detach(), t_logits, images, valid)
         # The step's one host sync. A non-finite value stops the run; the state on disk is the last
         # checkpoint, written before this step.
         return self._checked_values(losses)
