@@ -39,9 +39,15 @@ FEATURE_HW = (2, 3)
 TEACHER_ARCH = {"name": "pspnet_resnet18", "num_classes": 8, "width": 0.25}
 
 
-def make_teacher(path: Path, seed: int) -> Path:
+def make_teacher(path: Path, seed: int, gain: float = 1.0) -> Path:
+    """A random teacher. A random PSPNet is absurdly confident (median log-probability -25); with
+    its classifier scaled by ``gain`` 0.1 its maps look like a trained teacher's (log-probabilities
+    mostly above -8, the top class at p = 0.5 on the median pixel)."""
     torch.manual_seed(seed)
-    save_checkpoint(path, {"arch": TEACHER_ARCH, "model": build_model(**TEACHER_ARCH).state_dict()})
+    model = build_model(**TEACHER_ARCH)
+    with torch.no_grad():
+        model.head[-1].weight.mul_(gain)
+    save_checkpoint(path, {"arch": TEACHER_ARCH, "model": model.state_dict()})
     return path
 
 
@@ -110,13 +116,18 @@ def test_store_round_trip(val_store, teacher_ckpt, val_set):
     assert not val_store.with_name(val_store.name + ".partial").exists()
 
     group = zarr.open_group(str(val_store), mode="r")
-    logits, features = group["logits"], group["features"]
-    assert logits.shape == (LENGTH, 8, *LOGIT_HW) and logits.dtype == np.float16
-    assert features.shape[0] == LENGTH and features.shape[2:] == FEATURE_HW and features.dtype == np.float16
+    logits, features = group["log_probs"], group["features"]
+    # Stored as 8-bit codes in shards; plain zarr decodes them to float32 itself.
+    assert logits.shape == (LENGTH, 8, *LOGIT_HW) and logits.dtype == np.float32
+    assert logits.chunks == (1, 8, *LOGIT_HW) and logits.shards == (LENGTH, 8, *LOGIT_HW)  # 6 images < a shard
+    assert logits.metadata.dimension_names == ("image", "class", "y", "x")
+    assert features.shape[0] == LENGTH and features.shape[2:] == FEATURE_HW and features.dtype == np.float32
     assert features.shape[1] == build_model(**TEACHER_ARCH).feature_channels
     assert (group["image_hw"][:] == np.array([SIZE] * LENGTH)).all()
     assert group["done"][:].dtype == bool and group["done"][:].all()
     assert np.isfinite(logits[:]).all() and np.isfinite(features[:]).all()  # every image written
+    assert logits[:].min() >= -16 and logits[:].max() <= 0  # log-probabilities, clipped at -16
+    assert len(list((val_store / "log_probs").rglob("*"))) <= 6  # one shard file (and its folders)
 
     attrs = dict(group.attrs)
     assert attrs["complete"] is True
@@ -130,7 +141,8 @@ def test_store_round_trip(val_store, teacher_ckpt, val_set):
     pre = attrs["preprocessing"]
     assert pre["mean"] == pytest.approx([0.485, 0.456, 0.406]) and pre["std"] == pytest.approx([0.229, 0.224, 0.225])
     assert pre["teacher_scales"] == [1.0] and pre["teacher_flip"] is False
-    assert attrs["codecs"]["logits"]["dtype"] == "float16" and attrs["codecs"]["features"]["dtype"] == "float16"
+    assert "FixedScaleOffset" in attrs["codecs"]["log_probs"] and "crc32c" in attrs["codecs"]["features"]
+    assert attrs["format_version"] == 2 and attrs["features"] is True
     assert attrs["feature_pool"] == POOL
     assert attrs["skd_version"] == pipeline.__version__
     time.strptime(attrs["created"][:19], "%Y-%m-%dT%H:%M:%S")  # an ISO time stamp
@@ -145,25 +157,32 @@ def test_store_round_trip(val_store, teacher_ckpt, val_set):
 
 def test_stored_logits_match_float32_teacher(val_store, teacher_ckpt, val_set):
     reference = teacher_float32(teacher_ckpt, val_set)  # (N, C, 6, 8)
-    stored = torch.from_numpy(zarr.open_group(str(val_store), mode="r")["logits"][:]).float()
+    stored = torch.from_numpy(zarr.open_group(str(val_store), mode="r")["log_probs"][:])
     assert stored.shape == reference.shape
 
-    agree = (stored.argmax(1) == reference.argmax(1)).float().mean().item()
-    assert agree >= 0.999
-    # The store holds log-probabilities: the probabilities themselves come back by exp.
-    torch.testing.assert_close(stored.exp().sum(1), torch.ones(LENGTH, *LOGIT_HW), atol=3e-3, rtol=0)
-    torch.testing.assert_close(stored.softmax(1), reference.softmax(1), atol=1e-3, rtol=0)
+    # 8-bit codes keep the teacher's argmax: every other class is stored at least one step below.
+    assert (stored.argmax(1) == reference.argmax(1)).float().mean().item() >= 0.999
+    # Valid logits of the same distribution: KL to the float32 teacher at the level of the 8-bit step
+    # (16/255 in log space: at most about step²/24 ≈ 2e-4).
+    log_p, log_q = reference.log_softmax(1), stored.log_softmax(1)
+    assert (log_p.exp() * (log_p - log_q)).sum(1).mean().item() <= 2e-4
+    torch.testing.assert_close(stored.softmax(1), reference.softmax(1), atol=0.03, rtol=0)
 
 
-def test_evaluate_cache_matches_evaluate_model(val_store, teacher_ckpt, val_set):
-    model, _ = model_from_checkpoint(teacher_ckpt)
+def test_evaluate_cache_matches_evaluate_model(tmp_path, val_set):
+    # Evaluation upsamples the maps: log-probabilities clipped at -16 interpolate differently from
+    # the raw ones where they were clipped, so the check needs a teacher with a trained teacher's
+    # range (on real CamVid the cache and the model agree to 0.01 mIoU, docs/CACHE.md).
+    model, arch = model_from_checkpoint(make_teacher(tmp_path / "t.pt", seed=0, gain=0.1))
+    store = cache_teacher(model, {**arch, "weights_sha256": "0" * 64}, val_set, tmp_path / "v.zarr", batch_size=4,
+                          feature_pool=POOL, workers=0, progress=False)
     from_model = evaluate_model(model, val_set, progress=False)
-    from_cache = evaluate_cache(TeacherStore(val_store), val_set, progress=False)
+    from_cache = evaluate_cache(TeacherStore(store), val_set, progress=False)
     total = from_model.matrix.sum().item()
     assert total == from_cache.matrix.sum().item() > 0
-    # float16 may move a pixel or two on a near tie between classes, nothing more.
-    assert (from_model.matrix - from_cache.matrix).abs().sum().item() <= 2 * max(1, round(0.001 * total))
-    assert from_cache.miou() == pytest.approx(from_model.miou(), abs=1e-3)
+    # 8-bit steps may move pixels near a tie between classes once the map is upsampled, few others.
+    assert (from_model.matrix - from_cache.matrix).abs().sum().item() <= 2 * round(0.01 * total)
+    assert from_cache.miou() == pytest.approx(from_model.miou(), abs=1e-2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +226,7 @@ def test_resume_after_kill(tmp_path, teacher_ckpt):
     # Writes run in background threads: still, nothing is marked done before all of it is on disk
     # (the arrays' fill value is NaN, so a missing chunk would show).
     for index in np.flatnonzero(done):
-        assert np.isfinite(killed["logits"][index]).all() and np.isfinite(killed["features"][index]).all(), index
+        assert np.isfinite(killed["log_probs"][index]).all() and np.isfinite(killed["features"][index]).all(), index
         assert np.isfinite(killed["feature_scale"][index])
 
     # A different teacher must not be mixed into the partial store.
@@ -232,7 +251,7 @@ def test_resume_after_kill(tmp_path, teacher_ckpt):
                               batch_size=1, feature_pool=2, workers=0, progress=False)
     got, want = zarr.open_group(str(out), mode="r"), zarr.open_group(str(reference), mode="r")
     assert got["done"][:].all() and got.attrs["complete"] is True
-    np.testing.assert_array_equal(got["logits"][:], want["logits"][:])
+    np.testing.assert_array_equal(got["log_probs"][:], want["log_probs"][:])
     np.testing.assert_array_equal(got["features"][:], want["features"][:])
 
 
@@ -442,8 +461,9 @@ def test_cache_teacher_with_windows_and_levels_records_them(tmp_path, val_set):
     # Equivariant teacher: windows give the whole-image map, except in the last, partial row and column
     # of cells (44 = 5.5 cells, 60 = 7.5), where windows see zero padding instead of a partial cell.
     images = normalize(torch.stack([val_set[i]["image"] for i in range(LENGTH)]))
-    np.testing.assert_allclose(store.group["logits"][:, :, :5, :7].astype(np.float32),
-                               predict(teacher, images)[0][..., :5, :7].numpy(), atol=2e-2)
+    stored = torch.from_numpy(store.group["log_probs"][:, :, :5, :7]).log_softmax(1)
+    # Within one 8-bit step (16/255; a class next to the top one is kept a step below it).
+    torch.testing.assert_close(stored, predict(teacher, images)[0][..., :5, :7].log_softmax(1), atol=0.07, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,17 +477,19 @@ def test_huge_features_are_stored_scaled_and_replay_exactly(tmp_path, val_set):
     info = {"name": "stride8", "num_classes": 8, "weights_sha256": "0" * 64}
     store = TeacherStore(cache_teacher(teacher, info, val_set, tmp_path / "big.zarr", batch_size=2, feature_pool=1,
                                        workers=0, progress=False))
-    stored = store.group["features"][:].astype(np.float32)
-    assert np.isfinite(stored).all() and np.abs(stored).max() <= 1.0
+    stored = store.group["features"][:]
+    assert np.isfinite(stored).all() and stored.min() >= 0 and stored.max() <= 1.0
     images = normalize(torch.stack([val_set[i]["image"] for i in range(LENGTH)]))
     exact = predict(teacher, images)[1].numpy()
     assert np.abs(exact).max() > 65504
-    restored = stored * store.feature_scale[:, None, None, None]
-    np.testing.assert_allclose(restored, exact, rtol=2e-3, atol=2e-3 * np.abs(exact).max())
+    restored = stored * store.feature_scale[:, None, None, None] + store.feature_offset[:, None, None, None]
+    # 8 bits: within half a step (1/510) of each image's feature range.
+    half_step = (exact.max(axis=(1, 2, 3)) - exact.min(axis=(1, 2, 3)))[:, None, None, None] / 510
+    assert (np.abs(restored - exact) <= half_step * 1.01).all()
     # Replay hands the trainer the teacher's own values.
     batch = collate([TrainingSamples(val_set, AugmentConfig(), store)[i] for i in range(2)])
     _, features = replay_targets(batch, LOGIT_HW)
-    torch.testing.assert_close(features, torch.from_numpy(exact[:2]), rtol=2e-3, atol=2e-3 * float(np.abs(exact).max()))
+    assert ((features - torch.from_numpy(exact[:2])).abs() <= torch.from_numpy(half_step[:2]) * 1.01).all()
 
 
 def test_non_finite_teacher_output_names_the_image_and_keeps_earlier_ones(tmp_path, val_set):
@@ -485,7 +507,7 @@ def test_non_finite_teacher_output_names_the_image_and_keeps_earlier_ones(tmp_pa
     out = tmp_path / "broken.zarr"
     with pytest.raises(SkdError, match=r"image 'synthetic/val/000002' \(#2\) are not finite"):
         cache_teacher(BreaksOnThirdImage().eval(), info, val_set, out, batch_size=1, feature_pool=1, workers=0,
-                      progress=False)
+                      shard_images=2, progress=False)
     assert not out.exists()
     done = zarr.open_group(str(out) + ".partial", mode="r")["done"][:]
     assert done.tolist() == [True, True] + [False] * (LENGTH - 2)

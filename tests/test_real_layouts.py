@@ -44,7 +44,7 @@ def test_variable_size_images_are_cached_on_a_canvas_and_replayed_within_their_e
                   feature_pool=2, workers=0, progress=False)
     store = TeacherStore(path)
     # Canvas = the largest extent in each direction, at stride 8; each image keeps its own extent.
-    assert store.group["logits"].shape == (3, 150, math.ceil(72 / 8), math.ceil(88 / 8))
+    assert store.group["log_probs"].shape == (3, 150, math.ceil(72 / 8), math.ceil(88 / 8))
     for i, (h, w) in enumerate(ADE_SIZES):
         logits, features = store.read(i)
         assert logits.shape == (150, math.ceil(h / 8), math.ceil(w / 8))
@@ -84,7 +84,7 @@ def test_camvid_cache_train_evaluate_on_the_command_line(tmp_path, monkeypatch):
     # Cache the 101 CamVid val images (small, so the test stays fast), train on them, evaluate.
     store = tmp_path / "camvid-val.zarr"
     skd("cache-teacher", "--config", str(config), "--teacher", str(teacher), "--split", "val", "--cache", str(store))
-    assert TeacherStore(store).group["logits"].shape == (101, 11, 45, 60)
+    assert TeacherStore(store).group["log_probs"].shape == (101, 11, 45, 60)
     skd("train-student", "--config", str(config), "--cache", str(store), "--losses", "pi,pa,ho",
         "--model", "pspnet_resnet18", "--width", "0.125", "--iterations", "2", "--out", str(tmp_path / "student"))
     log = [json.loads(line) for line in (tmp_path / "student" / "log.jsonl").read_text().splitlines()]

@@ -81,11 +81,15 @@ def test_replay_of_grid_aligned_crop_equals_teacher_on_crop(tmp_path, monkeypatc
     with torch.no_grad():
         on_crops = teacher(normalize(batch["image"]))
         unflipped = teacher(normalize(items[1]["image"].flip(-1))[None])
-    torch.testing.assert_close(t_logits.log_softmax(1), on_crops.logits.log_softmax(1), atol=1e-2, rtol=0)
-    torch.testing.assert_close(t_features, on_crops.features, atol=1e-2, rtol=0)
+    # Equal up to 8-bit storage: one step of log-probability (16/255), half a step of each image's
+    # feature range (at most max |f| / 255).
+    log_step, feature_step = 16 / 255 * 1.01, float(on_crops.features.abs().max()) / 255 * 1.01
+    torch.testing.assert_close(t_logits.log_softmax(1), on_crops.logits.log_softmax(1), atol=log_step, rtol=0)
+    torch.testing.assert_close(t_features, on_crops.features, atol=feature_step, rtol=0)
     # The flipped sample's target is the mirror image of the teacher on the unflipped crop.
-    torch.testing.assert_close(t_logits[1].log_softmax(0), unflipped.logits[0].log_softmax(0).flip(-1), atol=1e-2, rtol=0)
-    torch.testing.assert_close(t_features[1], unflipped.features[0].flip(-1), atol=1e-2, rtol=0)
+    torch.testing.assert_close(t_logits[1].log_softmax(0), unflipped.logits[0].log_softmax(0).flip(-1), atol=log_step,
+                               rtol=0)
+    torch.testing.assert_close(t_features[1], unflipped.features[0].flip(-1), atol=feature_step, rtol=0)
     # ... and differs from the unmirrored one (the flip is not a no-op on this data).
     assert (t_logits[1] - unflipped.logits[0].log_softmax(0)).abs().max() > 0.1
 
@@ -106,11 +110,13 @@ def test_replay_of_scaled_crop_samples_a_ramp_bilinearly(tmp_path, monkeypatch):
                               "ids": list(dataset.ids)}}
     partial = tmp_path / "ramp.zarr.partial"
     group = create_store(partial, provenance, np.array([[48, 64]]), num_classes=2, feature_channels=1, feature_pool=2)
-    y, x = np.mgrid[0:6, 0:8].astype(np.float16)
-    group["logits"][0] = np.stack([x + 10 * y, -(x + 10 * y)])
-    fy, fx = np.mgrid[0:3, 0:4].astype(np.float16)
-    group["features"][0] = (fx + 10 * fy)[None]
-    group["feature_scale"][0] = 1.0
+    # Ramps in whole 8-bit steps of the stored ranges, so that storage keeps them exactly.
+    step = 16 / 255
+    y, x = np.mgrid[0:6, 0:8].astype(np.float32)
+    group["log_probs"][0] = np.stack([-step * (x + 10 * y), -step * (57 - x - 10 * y)])
+    fy, fx = np.mgrid[0:3, 0:4].astype(np.float32)
+    group["features"][0] = ((fx + 10 * fy) / 255)[None]
+    group["feature_scale"][0], group["feature_offset"][0] = 255.0, 0.0
     group["done"][0] = True
     finalize(partial, tmp_path / "ramp.zarr")
     store = TeacherStore(tmp_path / "ramp.zarr")
@@ -131,11 +137,11 @@ def test_replay_of_scaled_crop_samples_a_ramp_bilinearly(tmp_path, monkeypatch):
     assert torch.equal(crop_box(params, (48, 64), (32, 40)), torch.tensor([32.0, 24.0, 52.0, 40.0], dtype=torch.float64))
 
     t_logits, t_features = replay_targets(collate(items), (4, 5))
-    torch.testing.assert_close(t_logits[0, 0], logit_ramp, atol=1e-4, rtol=0)
-    torch.testing.assert_close(t_logits[0, 1], -logit_ramp, atol=1e-4, rtol=0)
+    torch.testing.assert_close(t_logits[0, 0], -step * logit_ramp, atol=1e-4, rtol=0)
+    torch.testing.assert_close(t_logits[0, 1], -step * (57 - logit_ramp), atol=1e-4, rtol=0)
     torch.testing.assert_close(t_features[0, 0], feature_ramp, atol=1e-4, rtol=0)
     # The flipped sample sees the crop mirrored.
-    torch.testing.assert_close(t_logits[1, 0], logit_ramp.flip(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(t_logits[1, 0], -step * logit_ramp.flip(-1), atol=1e-4, rtol=0)
     torch.testing.assert_close(t_features[1, 0], feature_ramp.flip(-1), atol=1e-4, rtol=0)
 
 
@@ -248,7 +254,7 @@ def test_a_level_2_store_replays_a_scale_2_crop_as_the_teacher_sees_it(tmp_path,
                                                  progress=False))
               for levels in ((1.0,), (1.0, 2.0))}
     assert stores[(1.0, 2.0)].levels == [1.0, 2.0]
-    assert stores[(1.0, 2.0)].group["logits_x2"].shape == (1, 8, 12, 16)
+    assert stores[(1.0, 2.0)].group["log_probs_x2"].shape == (1, 8, 12, 16)
 
     # Scale 2 (96x128), crop 32x40 at (48, 64): on the 8-pixel grid of the upscaled image.
     params = CropParams((96, 128), 48, 64, False)
@@ -261,8 +267,9 @@ def test_a_level_2_store_replays_a_scale_2_crop_as_the_teacher_sees_it(tmp_path,
         replayed[levels] = replay_targets(collate([item]), (4, 5))[0].log_softmax(1)
     with torch.no_grad():
         on_crop = teacher(normalize(item["image"])[None]).logits.log_softmax(1)
-    # The crop was resized from uint8 pixels (rounded), the level from float ones: a small difference.
-    torch.testing.assert_close(replayed[(1.0, 2.0)], on_crop, atol=2e-2, rtol=0)
+    # The crop was resized from uint8 pixels (rounded), the level from float ones, and stored in 8-bit
+    # steps of 16/255: a small difference.
+    torch.testing.assert_close(replayed[(1.0, 2.0)], on_crop, atol=0.08, rtol=0)
     # A level-1 store can only upsample its coarser map, and misses by far more.
     assert (replayed[(1.0,)] - on_crop).abs().max() > 0.1
 
@@ -294,24 +301,34 @@ def test_pairwise_nodes_finer_than_the_stored_features_are_refused(tmp_path: Pat
     Trainer(config(0.5, 1.0), progress=False)
 
 
-def test_a_store_from_before_levels_and_feature_scales_still_replays(tmp_path: Path, tiny_teacher: Path):
-    """Stores written before this format gained ``logit_levels``, ``feature_stride`` and the
-    ``feature_scale`` array hold level 1 and unscaled features: they read as such."""
-    store_path = tiny_store(tmp_path, tiny_teacher, feature_pool=1)
-    group = zarr.open_group(str(store_path), mode="r+")
-    features = group["features"][:].astype(np.float32) * group["feature_scale"][:][:, None, None, None]
-    group["features"][:] = features.astype(np.float16)  # what the old writer stored
-    del group["feature_scale"]
-    for key in ("logit_levels", "feature_stride"):
-        del group.attrs[key]
-
-    store = TeacherStore(store_path)
-    assert store.levels == [1.0] and store.feature_stride == 8
-    assert (store.feature_scale == 1.0).all()
-    dataset = build_dataset("synthetic", None, "train", **TINY_OPTIONS)
-    batch = collate([TrainingSamples(dataset, AugmentConfig(crop_size=(32, 48), scale_range=(1.0, 2.0)), store)[i] for i in range(4)])
-    _, replayed = replay_targets(batch, (4, 6))
-    assert torch.isfinite(replayed).all()
-    # At scale 1 the replayed features are the stored ones, unscaled.
+def test_a_format_1_store_still_trains_and_evaluates(tmp_path: Path):
+    """tests/fixtures/v1_store.zarr was written by the format-1 writer (float16 arrays named
+    ``logits``/``logits_x2``, features only scaled, one file per image): it still replays, trains
+    and evaluates."""
+    fixture = Path(__file__).parent / "fixtures" / "v1_store.zarr"
+    store = TeacherStore(fixture)
+    assert store.version == 1 and store.levels == [1.0, 2.0]
+    assert store.level_arrays == {1.0: "logits", 2.0: "logits_x2"}
+    assert (store.feature_offset == 0).all()
+    options = {"size": [32, 48], "length": 4}
+    dataset = build_dataset("synthetic", None, "train", **options)
+    store.check_matches(dataset)
+    # At scale 1 the replayed features are the stored ones times their scale (format 1 had no offset).
     item = collate([TrainingSamples(dataset, AugmentConfig(), store)[0]])
-    torch.testing.assert_close(replay_targets(item, (4, 6))[1][0], torch.from_numpy(features[0]), atol=1e-2, rtol=1e-2)
+    stored = store.group["features"][0].astype(np.float32) * store.feature_scale[0]
+    torch.testing.assert_close(replay_targets(item, (2, 3))[1][0], torch.from_numpy(stored), atol=1e-3, rtol=1e-3)
+
+    cfg = merge(Config(), {
+        "data": {"dataset": "synthetic", "options": options, "workers": 0, "crop_size": [32, 32],
+                 "scale_range": [1.0, 2.0], "flip": True},
+        "model": {"name": "pspnet_resnet18", "width": 0.125},
+        "train": {"iterations": 2, "batch_size": 2, "device": "cpu", "out": str(tmp_path / "run")},
+        "distill": {"losses": ["pi", "pa", "ho"], "cache": str(fixture), "pa_node": 1.0},
+    })
+    trainer = Trainer(cfg, progress=False)
+    record = trainer.step(next(trainer.batches()))
+    assert all(np.isfinite(v) for v in record.values()) and record["pi"] > 0
+
+    from pipeline.evaluate import evaluate_cache
+
+    assert 0 <= evaluate_cache(store, dataset, progress=False).miou() <= 1

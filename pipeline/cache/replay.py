@@ -52,7 +52,7 @@ class TrainingSamples(torch.utils.data.Dataset):
     """Augmented samples of ``dataset`` with, when a store is given, the cached teacher maps under them.
 
     Items: ``image`` uint8 3×h×w, ``label`` int64 h×w, ``valid`` bool mask on the output grid, and
-    with a store ``teacher_logits`` / ``teacher_features`` (float16 windows of the cache) with their
+    with a store ``teacher_logits`` / ``teacher_features`` (float32 windows of the cache) with their
     boxes ``logit_box`` / ``feature_box`` in window coordinates and ``flip``, whether replay must
     mirror them. ``features=False`` skips reading the features (nothing needs them without
     pair-wise distillation). ``views=True`` takes each sample among the store's bank of views (which
@@ -108,6 +108,7 @@ class TrainingSamples(torch.utils.data.Dataset):
             targets["teacher_features"] = torch.from_numpy(features)
             targets["feature_box"] = targets["logit_box"] / pool
             targets["feature_scale"] = torch.tensor(float(self.store.view_feature_scale[index, view]))
+            targets["feature_offset"] = torch.tensor(float(self.store.view_feature_offset[index, view]))
         return targets
 
     def _cached_targets(self, index: int, image_hw: tuple[int, int], box: torch.Tensor, scale: float) -> dict:
@@ -132,6 +133,7 @@ class TrainingSamples(torch.utils.data.Dataset):
             targets["teacher_features"] = torch.from_numpy(self.store.read_features(index, (rows, cols)))
             targets["feature_box"] = (box / OUTPUT_STRIDE - offset) / pool
             targets["feature_scale"] = torch.tensor(float(self.store.feature_scale[index]))
+            targets["feature_offset"] = torch.tensor(float(self.store.feature_offset[index]))
         return targets
 
 
@@ -146,8 +148,9 @@ def collate(samples: list[dict]) -> dict:
         if key in samples[0]:
             batch[key] = _pad_stack([s[key] for s in samples])
             batch[box] = torch.stack([s[box] for s in samples]).float()
-    if "feature_scale" in samples[0]:
-        batch["feature_scale"] = torch.stack([s["feature_scale"] for s in samples])
+    for key in ("feature_scale", "feature_offset"):
+        if key in samples[0]:
+            batch[key] = torch.stack([s[key] for s in samples])
     return batch
 
 
@@ -156,7 +159,7 @@ def _pad_stack(windows: list[torch.Tensor]) -> torch.Tensor:
     h = max(w.shape[-2] for w in windows)
     w_ = max(w.shape[-1] for w in windows)
     return torch.stack([
-        F.pad(w[None].float(), (0, w_ - w.shape[-1], 0, h - w.shape[-2]), mode="replicate")[0].half()
+        F.pad(w[None].float(), (0, w_ - w.shape[-1], 0, h - w.shape[-2]), mode="replicate")[0].to(w.dtype)
         if w.shape[-2:] != (h, w_) else w for w in windows
     ])
 
@@ -177,4 +180,6 @@ def replay_targets(batch: dict, out_hw: tuple[int, int]) -> tuple[torch.Tensor, 
     if "teacher_features" not in batch:
         return logits, None
     features = replay(batch["teacher_features"], batch["feature_box"], out_hw, batch["flip"])
-    return logits, features * batch["feature_scale"].to(features.device).view(-1, 1, 1, 1)
+    # Stored features are a per-image affine map of the teacher's; interpolation commutes with it.
+    scale, offset = (batch[key].to(features.device).view(-1, 1, 1, 1) for key in ("feature_scale", "feature_offset"))
+    return logits, features * scale + offset

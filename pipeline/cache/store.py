@@ -34,20 +34,58 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import warnings
+
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import Crc32cCodec, Delta, FixedScaleOffset, ZstdCodec
 
 from pipeline.errors import SkdError
 from pipeline.inference import OUTPUT_STRIDE, output_size, scaled_size
 
 FORMAT = "skd-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: float16 arrays, one file per image; still read (tests/fixtures/v1_store.zarr)
 # Chunks for stores whose images differ in size: tiles no image touches are never written.
 VARIABLE_SIZE_TILE = 64
+# Images per shard file. A shard is written whole by one writer (of one process or rank), so writers
+# never share a file; a killed run loses at most the shards in flight.
+SHARD_IMAGES = 16
 
-LOGITS_CODEC = {"dtype": "float16", "compressor": "blosc", "cname": "zstd", "clevel": 5, "shuffle": "bitshuffle"}
-FEATURES_CODEC = {"dtype": "float16", "compressor": "zstd", "level": 3}  # bitshuffle loses on sparse ReLU maps
+# Log-probabilities are clipped at -LOG_PROB_RANGE (probabilities below 1e-7 count as 1e-7) and
+# quantised to 8 bits; the writer keeps every other class at least one step below the top one, so
+# the stored argmax is the teacher's.
+LOG_PROB_RANGE = 16.0
+# Features are stored mapped per image onto [0, 1] (features = stored x feature_scale + feature_offset)
+# and quantised to 8 bits: one step is 1/255 of the image's feature range.
+
+
+def log_prob_filters() -> list:
+    return [FixedScaleOffset(offset=-LOG_PROB_RANGE, scale=255 / LOG_PROB_RANGE, dtype="<f4", astype="u1"),
+            Delta(dtype="u1")]
+
+
+def feature_filters() -> list:
+    return [FixedScaleOffset(offset=0, scale=255, dtype="<f4", astype="u1"), Delta(dtype="u1")]
+
+
+# The numcodecs filters are zarr-python's own (zarr.codecs.numcodecs); zarr warns that other
+# implementations may lack them, on every array opened. Said once, in docs/CACHE.md, instead.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
+
+# Every chunk carries a crc32c checksum: a corrupted chunk is reported (with its image) instead of
+# read as wrong numbers.
+def compressors() -> list:
+    return [ZstdCodec(level=9), Crc32cCodec()]
+
+
+CODECS = {
+    "log_probs": f"float32 -> FixedScaleOffset(offset=-{LOG_PROB_RANGE:g}, scale=255/{LOG_PROB_RANGE:g}, uint8) -> "
+                 "Delta(uint8) -> zstd(9) -> crc32c, in shards of images",
+    "features": "float32 in [0, 1] -> FixedScaleOffset(offset=0, scale=255, uint8) -> Delta(uint8) -> zstd(9) -> "
+                "crc32c, in shards of images",
+}
+DECODE_NOTE = ("zarr decodes the stored uint8 values to float32 itself (the FixedScaleOffset and Delta filters "
+               "are numcodecs codecs): read the arrays as they are")
 
 
 def redact(url: str) -> str:
@@ -72,8 +110,8 @@ def feature_size(image_hw: Sequence[int], pool: int) -> tuple[int, int]:
 
 
 def level_array(level: float) -> str:
-    """Name of the array holding the teacher's map at scale ``level`` (1.0 is ``logits``)."""
-    return "logits" if level == 1.0 else f"logits_x{level:g}"
+    """Name of the array holding the teacher's map at scale ``level`` (1.0 is ``log_probs``)."""
+    return "log_probs" if level == 1.0 else f"log_probs_x{level:g}"
 
 
 def create_store(
@@ -84,11 +122,15 @@ def create_store(
     feature_channels: int,
     feature_pool: int,
     levels: Sequence[float] = (1.0,),
+    features: bool = True,
+    shard_images: int = SHARD_IMAGES,
 ) -> zarr.Group:
     """Create an empty store at ``path`` (a local directory) with all arrays and attributes.
 
     ``levels``: the scales at which the teacher's map is stored (1.0 always; e.g. 1.0, 2.0 also
     keeps the map of the image upsampled by 2, for crops that training zooms into).
+    ``features=False`` leaves the features out (a store that serves evaluation or pixel-wise and
+    holistic distillation only). Arrays over images are sharded by ``shard_images`` images.
     """
     image_hw = np.asarray(image_hw, dtype=np.int32)
     n = len(image_hw)
@@ -97,52 +139,67 @@ def create_store(
     feat_canvas = feature_size(largest, feature_pool)
     fixed_size = bool((image_hw == image_hw[0]).all())
     levels = sorted({1.0, *(float(s) for s in levels)})
+    shard = max(1, min(shard_images, n))
 
     def chunks(channels: int, hw: tuple[int, int]) -> tuple[int, ...]:
         if fixed_size:
             return (1, channels, *hw)
         return (1, channels, min(hw[0], VARIABLE_SIZE_TILE), min(hw[1], VARIABLE_SIZE_TILE))
 
+    def per_image(name: str, shape: tuple[int, ...], dtype: str, inner: tuple[int, ...], filters: list | None,
+                  fill: Any, dims: tuple[str, ...], content: str, **attributes: Any) -> None:
+        group.create_array(name, shape=(n, *shape), dtype=dtype, chunks=(1, *inner), shards=(shard, *shape),
+                           filters=filters, compressors=compressors(), fill_value=fill,
+                           dimension_names=("image", *dims), attributes={"content": content, **attributes})
+
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     group.attrs.update(
         {**provenance, "format": FORMAT, "format_version": FORMAT_VERSION, "output_stride": OUTPUT_STRIDE,
-         "feature_pool": feature_pool, "feature_stride": OUTPUT_STRIDE * feature_pool,
-         "logit_levels": [{"scale": s, "array": level_array(s)} for s in levels],
-         "codecs": {"logits": LOGITS_CODEC, "features": FEATURES_CODEC}, "complete": False}
+         "feature_pool": feature_pool, "feature_stride": OUTPUT_STRIDE * feature_pool, "features": features,
+         "logit_levels": [{"scale": s, "array": level_array(s)} for s in levels], "shard_images": shard,
+         "codecs": CODECS, "decode": DECODE_NOTE,
+         "canvas": "images of different sizes share one canvas per array: image i fills the top-left "
+                   "image_hw[i] (divided by the output stride, rounded up) of it; the rest is undefined (NaN "
+                   "where a whole chunk is outside the image)",
+         "complete": False}
     )
     for level in levels:
         canvas = logit_size(largest, level)
-        group.create_array(
-            level_array(level), shape=(n, num_classes, *canvas), dtype="float16", chunks=chunks(num_classes, canvas),
-            compressors=BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=2), fill_value=np.nan,
-            attributes={"content": f"teacher log-probabilities, image resized by {level:g}, stride {OUTPUT_STRIDE}"},
-        )
-    group.create_array(
-        "features", shape=(n, feature_channels, *feat_canvas), dtype="float16",
-        chunks=chunks(feature_channels, feat_canvas), compressors=ZstdCodec(level=3), fill_value=np.nan,
-        attributes={"content": f"PSP features max-pooled by {feature_pool}, divided by feature_scale"},
-    )
-    group.create_array("feature_scale", shape=(n,), dtype="float32", chunks=(1,), fill_value=np.nan)
+        per_image(level_array(level), (num_classes, *canvas), "float32", chunks(num_classes, canvas)[1:],
+                  log_prob_filters(), np.nan, ("class", "y", "x"),
+                  f"teacher log-probabilities, image resized by {level:g}, output stride {OUTPUT_STRIDE}; "
+                  f"clipped at -{LOG_PROB_RANGE:g}", scale=level)
+    if features:
+        per_image("features", (feature_channels, *feat_canvas), "float32", chunks(feature_channels, feat_canvas)[1:],
+                  feature_filters(), np.nan, ("channel", "y", "x"),
+                  f"teacher PSP features max-pooled by {feature_pool} (stride {OUTPUT_STRIDE * feature_pool}), "
+                  "mapped onto [0, 1] per image: x feature_scale + feature_offset = the teacher's features")
+        per_image("feature_scale", (), "float32", (), None, np.nan, (), "per image: the features' range (max - min)")
+        per_image("feature_offset", (), "float32", (), None, np.nan, (), "per image: the features' minimum")
     if views:
         k, out_hw = views["count"], output_size(views["crop_size"])
         view_feat = (math.ceil(out_hw[0] / feature_pool), math.ceil(out_hw[1] / feature_pool))
-        # One chunk per view: a training sample reads only its own.
-        group.create_array(
-            "view_log_probs", shape=(n, k, num_classes, *out_hw), dtype="float16", chunks=(1, 1, num_classes, *out_hw),
-            compressors=BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle", typesize=2), fill_value=np.nan,
-            attributes={"content": "teacher log-probabilities on each stored training view (as the student sees it)"})
-        group.create_array(
-            "view_features", shape=(n, k, feature_channels, *view_feat), dtype="float16",
-            chunks=(1, 1, feature_channels, *view_feat), compressors=ZstdCodec(level=3), fill_value=np.nan,
-            attributes={"content": f"PSP features of each view, max-pooled by {feature_pool}, divided by view_feature_scale"})
-        group.create_array("view_feature_scale", shape=(n, k), dtype="float32", chunks=(1, k), fill_value=np.nan)
-        group.create_array("view_crops", shape=(n, k, 5), dtype="int32", chunks=(1, k, 5), fill_value=0,
-                           attributes={"content": "per view: scaled height, scaled width, crop top, crop left, flip"})
-        group.create_array("view_jitter", shape=(n, k, 3), dtype="float32", chunks=(1, k, 3), fill_value=1.0,
-                           attributes={"content": "per view: brightness, contrast, saturation factors"})
-    group.create_array("image_hw", data=image_hw, chunks=(max(n, 1), 2))
-    # One chunk per flag: a run killed while writing a flag can only lose that image's flag.
-    group.create_array("done", shape=(n,), dtype="bool", chunks=(1,), fill_value=False)
+        # Inner chunks of one view: a training sample reads only its own.
+        per_image("view_log_probs", (k, num_classes, *out_hw), "float32", (1, num_classes, *out_hw),
+                  log_prob_filters(), np.nan, ("view", "class", "y", "x"),
+                  "teacher log-probabilities on each stored training view, as the student sees it")
+        if features:
+            per_image("view_features", (k, feature_channels, *view_feat), "float32",
+                      (1, feature_channels, *view_feat), feature_filters(), np.nan, ("view", "channel", "y", "x"),
+                      f"PSP features of each view, max-pooled by {feature_pool}, mapped onto [0, 1] per view")
+            per_image("view_feature_scale", (k,), "float32", (k,), None, np.nan, ("view",),
+                      "per view: the features' range (max - min)")
+            per_image("view_feature_offset", (k,), "float32", (k,), None, np.nan, ("view",),
+                      "per view: the features' minimum")
+        per_image("view_crops", (k, 5), "int32", (k, 5), None, 0, ("view", "param"),
+                  "per view: scaled height, scaled width, crop top, crop left, flip (0/1)")
+        per_image("view_jitter", (k, 3), "float32", (k, 3), None, 1.0, ("view", "factor"),
+                  "per view: brightness, contrast, saturation factors")
+    group.create_array("image_hw", data=image_hw, chunks=(max(n, 1), 2), dimension_names=("image", "hw"),
+                       attributes={"content": "each image's true (height, width) in pixels"})
+    # Flags are written once per shard, right after the shard: one chunk per shard.
+    group.create_array("done", shape=(n,), dtype="bool", chunks=(shard,), fill_value=False, dimension_names=("image",),
+                       attributes={"content": "True once the image's maps are on disk (a re-run resumes from here)"})
     return group
 
 
@@ -168,7 +225,12 @@ class TeacherStore:
         self.num_classes: int = int(attrs["teacher"]["num_classes"])
         self.feature_pool: int = int(attrs["feature_pool"])
         # Stores written before levels existed hold level 1 only.
-        self.levels: list[float] = [float(lv["scale"]) for lv in attrs.get("logit_levels", [{"scale": 1.0}])]
+        self.version: int = int(attrs.get("format_version", 1))
+        # Level -> array name (format 1 called level 1 "logits" and stores before levels have no list).
+        levels = attrs.get("logit_levels", [{"scale": 1.0, "array": "logits"}])
+        self.level_arrays: dict[float, str] = {float(lv["scale"]): lv["array"] for lv in levels}
+        self.levels: list[float] = sorted(self.level_arrays)
+        self.has_features: bool = bool(attrs.get("features", True))
         self.feature_stride: int = int(attrs.get("feature_stride", OUTPUT_STRIDE * self.feature_pool))
         self.image_hw: np.ndarray = self.group["image_hw"][:]
         # The positive per-image factors that turn stored features back into the teacher's (all 1
@@ -176,12 +238,19 @@ class TeacherStore:
         names = set(self.group.array_keys())
         self.feature_scale: np.ndarray = (self.group["feature_scale"][:] if "feature_scale" in names
                                           else np.ones(len(self.ids), dtype=np.float32))
+        # Format 2 maps features onto [0, 1] per image (format 1 only scaled them).
+        self.feature_offset: np.ndarray = (self.group["feature_offset"][:] if "feature_offset" in names
+                                           else np.zeros(len(self.ids), dtype=np.float32))
+        self.view_feature_scale = self.view_feature_offset = None
         # The bank of stored training views (None without one); its parameters are small: read once.
         self.views: dict | None = attrs.get("preprocessing", {}).get("views")
         if self.views:
             self.view_crops: np.ndarray = self.group["view_crops"][:]
             self.view_jitter: np.ndarray = self.group["view_jitter"][:]
-            self.view_feature_scale: np.ndarray = self.group["view_feature_scale"][:]
+            if self.has_features:
+                self.view_feature_scale = self.group["view_feature_scale"][:]
+                self.view_feature_offset = (self.group["view_feature_offset"][:] if "view_feature_offset" in names
+                                            else np.zeros_like(self.view_feature_scale))
 
     @property
     def group(self) -> zarr.Group:
@@ -222,7 +291,7 @@ class TeacherStore:
         """One image's stored map at ``level`` (one of ``levels``), optionally a window of its grid."""
         h, w = logit_size(self.image_hw[index], level)
         rows, cols = window or (slice(0, h), slice(0, w))
-        return self.group[level_array(level)][index, :, rows, cols]
+        return self._read(self.level_arrays[level], index, (index, slice(None), rows, cols))
 
     def read_features(self, index: int, window: tuple[slice, slice]) -> np.ndarray:
         """Features under a window of the level-1 logit grid, as stored: divided by the image's
@@ -233,13 +302,23 @@ class TeacherStore:
         p = self.feature_pool
         frows = slice(rows.start // p, min(math.ceil(rows.stop / p), fh))
         fcols = slice(cols.start // p, min(math.ceil(cols.stop / p), fw))
-        return self.group["features"][index, :, frows, fcols]
+        return self._read("features", index, (index, slice(None), frows, fcols))
 
     def read_view(self, index: int, view: int, features: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """The teacher's (log-probabilities, features) on one stored view of image ``index``, float16
         on the view's output grid (features pooled and scaled as stored; None with ``features=False``)."""
-        log_probs = self.group["view_log_probs"][index, view]
-        return log_probs, self.group["view_features"][index, view] if features else None
+        log_probs = self._read("view_log_probs", index, (index, view))
+        return log_probs, self._read("view_features", index, (index, view)) if features else None
+
+    def _read(self, name: str, index: int, region: tuple) -> np.ndarray:
+        """``group[name][region]`` as float32; a chunk that fails its checksum or cannot be decoded
+        is reported with the image it belongs to."""
+        try:
+            return np.asarray(self.group[name][region], dtype=np.float32)
+        except Exception as exc:  # zarr/numcodecs raise ValueError, RuntimeError, ... for a bad chunk
+            raise SkdError(f"{redact(self.url)}: {name} of image {self.ids[index]!r} (#{index}) cannot be read "
+                           f"({type(exc).__name__}: {exc}); the store is damaged: run skd cache-verify on it, "
+                           "and re-create it with skd cache-teacher") from None
 
     def nearest_level(self, scale: float) -> float:
         """The stored level closest to ``scale`` in ratio (log) terms."""

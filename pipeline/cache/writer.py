@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import pipeline
-from pipeline.cache.store import create_store, feature_size, finalize, level_array, logit_size
+from pipeline.cache.store import (LOG_PROB_RANGE, SHARD_IMAGES, create_store, feature_size, finalize, level_array,
+                                  logit_size)
 from pipeline.inference import predict, resize
 from pipeline.device import set_cpu_threads
 from pipeline.cache.views import VIEW_ARRAYS, crop_params, draw_views
@@ -80,6 +81,8 @@ def cache_teacher(
     levels: Sequence[float] = (1.0,),
     views: dict | None = None,
     precision: str = "fp32",
+    features: bool = True,
+    shard_images: int = SHARD_IMAGES,
     workers: int = 2,
     write_threads: int = 4,
     overwrite: bool = False,
@@ -121,7 +124,7 @@ def cache_teacher(
     }
     provenance = json.loads(json.dumps(provenance))  # compare as it reads back from JSON attributes
     if partial.exists() and not overwrite:
-        _check_resumable(partial, provenance, feature_pool)
+        _check_resumable(partial, provenance, feature_pool, features)
         group = zarr.open_group(str(partial), mode="r+")
     else:
         if partial.exists():
@@ -129,12 +132,17 @@ def cache_teacher(
         image_hw = np.array([dataset.image_size(i) for i in range(len(dataset))], dtype=np.int32)
         provenance["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         group = create_store(partial, provenance, image_hw, teacher_info["num_classes"],
-                             teacher.feature_channels, feature_pool, levels)
+                             teacher.feature_channels, feature_pool, levels, features=features,
+                             shard_images=shard_images)
 
+    n = len(dataset)
+    shard = int(group.attrs["shard_images"])
     done = group["done"][:]
-    pending = np.flatnonzero(~done).tolist()
+    # Whole shards are the unit of work: a shard is written once, with all its images, then flagged.
+    todo = [(a, min(a + shard, n)) for a in range(0, n, shard) if not done[a : a + shard].all()]
+    pending = [i for a, b in todo for i in range(a, b)]
     if done.any():
-        log.info("resuming %s: %d of %d images already cached", partial, int(done.sum()), len(done))
+        log.info("resuming %s: %d of %d images already cached", partial, int(done.sum()), n)
     image_hw = group["image_hw"][:]
     fixed_size = bool((image_hw == image_hw[0]).all())
     loader = DataLoader(
@@ -144,59 +152,89 @@ def cache_teacher(
     set_cpu_threads(torch.device(device), workers)
     teacher = teacher.to(device).eval()
     levels = provenance["preprocessing"]["levels"]
-    level_arrays = {level: group[level_array(level)] for level in levels}
-    features_arr, scale_arr, done_arr = group["features"], group["feature_scale"], group["done"]
-    view_handles = {name: group[name] for name in VIEW_ARRAYS} if views else {}
+    names = [level_array(level) for level in levels] + (["features", "feature_scale", "feature_offset"] if features else [])
+    if views:
+        names += [name for name in VIEW_ARRAYS if features or not name.startswith("view_feature")]
     writes = _BoundedWrites(write_threads)
-    with tqdm(total=len(dataset), initial=len(dataset) - len(pending), desc="cache-teacher",
-              unit="img", disable=not progress) as bar, writes:
+    shards = _ShardBuffers(group, names, shard, n, writes)
+    with tqdm(total=n, initial=n - len(pending), desc="cache-teacher", unit="img", disable=not progress) as bar, writes:
         for batch in loader:
             images = normalize(batch["image"].to(device, non_blocking=True))
-            maps = {}
+            outputs = {}
             for level in levels:
-                maps[level], level_features = predict(teacher, resize(images, level), scales=scales, flip=flip,
-                                                      window=window, precision=precision)
-                if level == 1.0:
-                    features, feature_scale = _pooled_and_scaled(level_features, feature_pool)
-            outputs = {f"log-probabilities at scale {level:g}": m for level, m in maps.items()}
-            outputs |= {"features": features, "feature scale": feature_scale}
+                log_probs, level_features = predict(teacher, resize(images, level), scales=scales, flip=flip,
+                                                    window=window, precision=precision)
+                outputs[level_array(level)] = _storable_log_probs(log_probs)
+                if level == 1.0 and features:
+                    outputs["features"], outputs["feature_scale"], outputs["feature_offset"] = \
+                        _pooled_and_normalized(level_features, feature_pool)
             if views:
-                view_log_probs, view_features, view_scale = _teacher_on_views(
+                view_log_probs, view_features, view_scale, view_offset = _teacher_on_views(
                     teacher, batch["views"], feature_pool, batch_size, device, precision)
-                outputs |= {"view log-probabilities": view_log_probs, "view features": view_features,
-                            "view feature scale": view_scale}
+                outputs |= {"view_log_probs": _storable_log_probs(view_log_probs), "view_crops": batch["view_crops"],
+                            "view_jitter": batch["view_jitter"]}
+                if features:
+                    outputs |= {"view_features": view_features, "view_feature_scale": view_scale,
+                                "view_feature_offset": view_offset}
             indices = batch["index"].tolist()
             _check_finite(dataset, indices, outputs)
-            maps = {level: m.half().cpu().numpy() for level, m in maps.items()}
-            features, feature_scale = features.half().cpu().numpy(), feature_scale.cpu().numpy()
-            if views:
-                view_arrays = dict(zip(VIEW_ARRAYS, (view_log_probs.half(), view_features.half(), view_scale,
-                                                     batch["view_crops"], batch["view_jitter"])))
-                view_arrays = {name: a.cpu().numpy() for name, a in view_arrays.items()}
+            outputs = {name: t.cpu().numpy() for name, t in outputs.items()}
             for k, index in enumerate(indices):
-                writes_of_image = []  # (array, region, values): each map cut to the image's true extent
-                for level, log_probs in maps.items():
-                    h, w = logit_size(image_hw[index], level)
-                    writes_of_image.append((level_arrays[level], (index, slice(None), slice(0, h), slice(0, w)),
-                                            log_probs[k, :, :h, :w]))
-                fh, fw = feature_size(image_hw[index], feature_pool)
-                writes_of_image.append((features_arr, (index, slice(None), slice(0, fh), slice(0, fw)),
-                                        features[k, :, :fh, :fw]))
-                writes_of_image.append((scale_arr, index, feature_scale[k]))
-                if views:
-                    writes_of_image += [(view_handles[name], index, values[k]) for name, values in view_arrays.items()]
-                writes.submit(_write_image, writes_of_image, done_arr, index)
+                extent = {level_array(level): logit_size(image_hw[index], level) for level in levels}
+                extent["features"] = feature_size(image_hw[index], feature_pool)
+                shards.put(index, {name: _cut(values[k], extent.get(name)) for name, values in outputs.items()})
             bar.update(len(indices))
     finalize(partial, out)
     log.info("wrote %s", out)
     return out
 
 
-def _write_image(arrays: list[tuple[zarr.Array, Any, np.ndarray]], done: zarr.Array, index: int) -> None:
-    """Write one image's maps (array, region, values), then, and only then, its ``done`` flag."""
-    for array, region, values in arrays:
-        array[region] = values
-    done[index] = True
+def _storable_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities (dim 1 = classes) as the 8-bit store can hold them: clipped at
+    -LOG_PROB_RANGE, every class but the top one at least one quantisation step below it, so that
+    the stored argmax is the teacher's (exact ties aside)."""
+    step = LOG_PROB_RANGE / 255
+    top = log_probs.amax(dim=1, keepdim=True)
+    below = torch.where(log_probs == top, log_probs, torch.minimum(log_probs, top - step))
+    return below.clamp(min=-LOG_PROB_RANGE)
+
+
+def _cut(values: np.ndarray, extent: tuple[int, int] | None) -> np.ndarray:
+    """A map cut to the image's true extent on the canvas (its last two dimensions)."""
+    return values if extent is None else values[..., : extent[0], : extent[1]]
+
+
+class _ShardBuffers:
+    """Each shard's images gathered in memory; a complete shard goes to the write pool as one task
+    that writes every array's shard and then the shard's ``done`` flags. So each shard file is
+    written once, by one writer, and nothing is flagged before it is on disk."""
+
+    def __init__(self, group: zarr.Group, names: list[str], shard: int, n: int, writes: "_BoundedWrites"):
+        self.arrays = {name: group[name] for name in names}
+        self.done = group["done"]
+        self.shard, self.n, self.writes = shard, n, writes
+        self.open: dict[int, tuple[dict[str, np.ndarray], set[int]]] = {}
+
+    def put(self, index: int, values: dict[str, np.ndarray]) -> None:
+        start = index // self.shard * self.shard
+        stop = min(start + self.shard, self.n)
+        if start not in self.open:
+            self.open[start] = ({name: np.full((stop - start, *a.shape[1:]), a.fill_value, dtype=a.dtype)
+                                 for name, a in self.arrays.items()}, set(range(start, stop)))
+        buffers, missing = self.open[start]
+        for name, value in values.items():
+            buffers[name][(index - start, *(slice(0, s) for s in np.shape(value)))] = value
+        missing.discard(index)
+        if not missing:
+            del self.open[start]
+            self.writes.submit(_write_shard, self.arrays, buffers, self.done, start, stop)
+
+
+def _write_shard(arrays: dict[str, zarr.Array], buffers: dict[str, np.ndarray], done: zarr.Array,
+                 start: int, stop: int) -> None:
+    for name, array in arrays.items():
+        array[start:stop] = buffers[name]
+    done[start:stop] = True  # only after the maps are on disk
 
 
 class _BoundedWrites:
@@ -225,27 +263,29 @@ class _BoundedWrites:
             self.pool.shutdown(wait=True)
 
 
-def _pooled_and_scaled(features: torch.Tensor, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features max-pooled by ``pool`` and divided by a per-image positive scale (returned too): a
-    poorly trained teacher's features reach 1e5 and more, beyond float16; pair-wise distillation
-    compares cosine similarities, which the scale leaves unchanged."""
+def _pooled_and_normalized(features: torch.Tensor, pool: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features max-pooled by ``pool`` and mapped per image onto [0, 1], with the (scale, offset)
+    that map them back: features = stored x scale + offset (a poorly trained teacher's features
+    reach 1e5 and more; stored, each is a fraction of its image's range)."""
     if pool > 1:
         features = F.max_pool2d(features, pool, pool, ceil_mode=True)
-    scale = features.abs().flatten(1).amax(dim=1).clamp(min=1e-12)
-    return features / scale[:, None, None, None], scale
+    flat = features.flatten(1)
+    offset = flat.amin(dim=1)
+    scale = (flat.amax(dim=1) - offset).clamp(min=1e-12)
+    return ((features - offset[:, None, None, None]) / scale[:, None, None, None]).clamp(0, 1), scale, offset
 
 
 def _teacher_on_views(teacher: nn.Module, views: torch.Tensor, feature_pool: int, batch_size: int,
-                      device: torch.device | str, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      device: torch.device | str, precision: str) -> tuple[torch.Tensor, ...]:
     """The teacher on a batch of images' views (B, K, 3, h, w) uint8: log-probabilities (B, K, C, ho, wo),
-    pooled scaled features (B, K, F, hf, wf) and their scales (B, K)."""
+    pooled normalised features (B, K, F, hf, wf) and their scales and offsets (B, K)."""
     b, k = views.shape[:2]
     flat = views.flatten(0, 1)
     log_probs, features = zip(*(predict(teacher, normalize(flat[i : i + batch_size].to(device, non_blocking=True)),
                                         precision=precision)
                                 for i in range(0, len(flat), batch_size)))
-    features, scale = _pooled_and_scaled(torch.cat(features), feature_pool)
-    return (torch.cat(log_probs).unflatten(0, (b, k)), features.unflatten(0, (b, k)), scale.unflatten(0, (b, k)))
+    features, scale, offset = _pooled_and_normalized(torch.cat(features), feature_pool)
+    return tuple(t.unflatten(0, (b, k)) for t in (torch.cat(log_probs), features, scale, offset))
 
 
 def _check_finite(dataset, indices: list[int], outputs: dict[str, torch.Tensor]) -> None:
@@ -257,10 +297,11 @@ def _check_finite(dataset, indices: list[int], outputs: dict[str, torch.Tensor])
         bad = [what for what, ok in finite.items() if not ok[k]]
         if bad:
             raise SkdError(f"the teacher's {' and '.join(bad)} for image {dataset.ids[index]!r} (#{index}) are not finite "
-                           "(NaN or inf): check the teacher checkpoint; images before it are kept and a re-run resumes")
+                           "(NaN or inf): check the teacher checkpoint; completed shards of images before it are kept and "
+                           "a re-run resumes")
 
 
-def _check_resumable(partial: Path, provenance: dict, feature_pool: int) -> None:
+def _check_resumable(partial: Path, provenance: dict, feature_pool: int, features: bool) -> None:
     try:
         attrs = dict(zarr.open_group(str(partial), mode="r").attrs)
     except Exception as exc:
@@ -270,6 +311,7 @@ def _check_resumable(partial: Path, provenance: dict, feature_pool: int) -> None
         "dataset": (attrs.get("dataset"), provenance["dataset"]),
         "preprocessing": (attrs.get("preprocessing"), provenance["preprocessing"]),
         "feature_pool": (attrs.get("feature_pool"), feature_pool),
+        "features setting": (attrs.get("features"), features),
     }
     for what, (old, new) in checks.items():
         if old != new:
