@@ -208,6 +208,9 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
               help="Also store K augmented training views per image, drawn with the config's crop, scales, flip "
                    "and jitter, with the teacher's maps on each: exact targets for training at K times the "
                    "bytes of one crop's maps. [default: 0]")
+@click.option("--features/--no-features", default=None,
+              help="Store the teacher's PSP features (pair-wise distillation needs them; evaluation and the "
+                   "pixel-wise and holistic terms do not). [default: features]")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
               help="Run the teacher in float32 or under bfloat16 autocast (faster on GPUs; fidelity in "
                    "docs/BENCHMARKS.md). [default: fp32]")
@@ -222,7 +225,7 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
                       teacher: str, teacher_arch: str | None, num_classes: int | None, split: str, cache: str | None,
                       batch_size: int | None, feature_pool: int | None, teacher_scales: str | None,
                       teacher_flip: bool | None, teacher_window: str | None, levels: str | None, views: int | None,
-                      precision: str | None, crop_size: str | None, scale_range: str | None, flip: bool | None,
+                      features: bool | None, precision: str | None, crop_size: str | None, scale_range: str | None, flip: bool | None,
                       workers: int | None,
                       device: str | None, overwrite: bool) -> None:
     """Run the teacher once over a split and write its outputs to a Zarr v3 store.
@@ -243,7 +246,8 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
                        cache={"batch_size": batch_size, "feature_pool": feature_pool,
                               "teacher_scales": parse_floats(teacher_scales), "teacher_flip": teacher_flip,
                               "teacher_window": [] if (teacher_window or "").lower() == "whole" else parse_hw(teacher_window),
-                              "levels": parse_floats(levels), "views": views, "precision": precision},
+                              "levels": parse_floats(levels), "views": views, "precision": precision,
+                              "features": features},
                        train={"device": device})
     ds = build_dataset(cfg.data.dataset, cfg.data.root, split, **cfg.data.options)
     arch = {"name": teacher_arch, "num_classes": num_classes or ds.num_classes} if teacher_arch else None
@@ -256,7 +260,7 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
     path = cache_teacher(model, info, ds, out, batch_size=c.batch_size, device=resolve_device(cfg.train.device),
                          feature_pool=c.feature_pool, scales=c.teacher_scales, flip=c.teacher_flip,
                          window=tuple(c.teacher_window) if c.teacher_window else None, levels=c.levels,
-                         views=view_spec(cfg.data.augment(), c.views) if c.views else None, precision=c.precision,
+                         views=view_spec(cfg.data.augment(), c.views) if c.views else None, precision=c.precision, features=c.features,
                          workers=cfg.data.workers, overwrite=overwrite, progress=ctx.obj["progress"])
     click.echo(f"teacher cache written to {path}")
 
@@ -340,12 +344,30 @@ def check_data_cmd(config_path: str | None, dataset: str | None, data_root: str 
 @cli.command("cache-info")
 @click.argument("store")
 def cache_info(store: str) -> None:
-    """Print a teacher cache's provenance and progress."""
-    from pipeline.cache.store import TeacherStore, provenance_json
+    """Print a teacher cache's provenance, arrays (shape, chunks, shards, codecs, size) and progress."""
+    from pipeline.cache.store import TeacherStore, array_table, provenance_json
 
     s = TeacherStore(store)
     click.echo(provenance_json(s.attrs))
+    click.echo(array_table(s))
     click.echo(f"{s.done_count()}/{len(s)} images cached, complete: {s.complete}")
+
+
+@cli.command("cache-verify")
+@click.argument("store")
+@click.pass_context
+def cache_verify(ctx: click.Context, store: str) -> None:
+    """Read every chunk of a teacher cache (checksums), check its flags, ids and provenance, and
+    name each problem; exits non-zero if there is any."""
+    from pipeline.cache.store import TeacherStore, redact
+    from pipeline.cache.verify import verify_store
+
+    problems = verify_store(TeacherStore(store), progress=ctx.obj["progress"])
+    for problem in problems:
+        click.echo(f"problem: {problem}", err=True)
+    if problems:
+        raise SkdError(f"{redact(store)}: {len(problems)} problem(s) found")
+    click.echo(f"{redact(store)}: every chunk read and checked, no problem found")
 
 
 def main() -> None:

@@ -110,6 +110,7 @@ class CacheConfig:
     # the data section's augmentation (crop, scales, flip, jitter), which training must then share.
     views: int = 0
     precision: str = "fp32"  # "bf16": the teacher under bfloat16 autocast (docs/BENCHMARKS.md: fidelity)
+    features: bool = True  # False: a store for evaluation, pixel-wise and holistic terms only (no pair-wise)
 
 
 @dataclass

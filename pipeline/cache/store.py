@@ -352,8 +352,10 @@ def _open_group(url: str, storage_options: dict | None) -> zarr.Group:
             store = zarr.storage.ZipStore(url, mode="r")
             return zarr.open_group(store, mode="r")
         if not is_url(url) and not Path(url).is_dir():
-            partial = Path(url + ".partial")
-            hint = " (a partial store exists: re-run skd cache-teacher to finish it)" if partial.exists() else ""
+            partial, old = Path(url + ".partial"), Path(url + ".old")
+            hint = (" (an interrupted --overwrite left the stores at .old and .partial: re-run skd cache-teacher "
+                    "to finish the swap)" if old.exists() else
+                    " (a partial store exists: re-run skd cache-teacher to finish it)" if partial.exists() else "")
             raise SkdError(f"no teacher cache at {url}{hint}")
         if is_url(url):
             return zarr.open_group(url, mode="r", storage_options=storage_options)
@@ -366,11 +368,15 @@ def _open_group(url: str, storage_options: dict | None) -> zarr.Group:
 
 def finalize(partial: Path, final: Path) -> None:
     """Mark a fully written store complete and move it to its final place (directory or zip),
-    replacing an older store there only now that the new one is whole."""
+    replacing an older store there only now that the new one is whole.
+
+    A directory cannot be replaced in one atomic step: the older store is first renamed to
+    ``<final>.old``, the new one moved in, and only then is the older one deleted. A run killed
+    between the two renames leaves both stores whole; ``recover_swap`` (run by the next
+    ``cache-teacher``) completes the swap.
+    """
     group = zarr.open_group(str(partial), mode="r+")
     group.attrs["complete"] = True
-    if final.is_dir():
-        shutil.rmtree(final)
     if str(final).endswith(".zip"):
         tmp = final.with_name(final.name + ".tmp")
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:  # chunks are compressed
@@ -379,8 +385,41 @@ def finalize(partial: Path, final: Path) -> None:
                     zf.write(file, file.relative_to(partial).as_posix())
         os.replace(tmp, final)  # replaces an older zip atomically
         shutil.rmtree(partial)
-    else:
-        os.replace(partial, final)
+        return
+    old = final.with_name(final.name + ".old")
+    if final.is_dir():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(partial, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def recover_swap(final: Path) -> None:
+    """Finish a store swap that ``finalize`` was killed in: the new store (complete, still at
+    ``<final>.partial``) moves in; without a complete new one the old store is put back."""
+    old, partial = final.with_name(final.name + ".old"), final.with_name(final.name + ".partial")
+    if final.exists() or not old.is_dir():
+        if old.is_dir() and final.exists():
+            shutil.rmtree(old)  # the swap finished; only the deletion was cut short
+        return
+    complete = partial.is_dir() and bool(zarr.open_group(str(partial), mode="r").attrs.get("complete"))
+    os.replace(partial if complete else old, final)
+    if complete:
+        shutil.rmtree(old)
+
+
+def array_table(store: TeacherStore) -> str:
+    """One line per array: shape, dtype as read, chunks and shards, codecs, bytes on disk (local stores)."""
+    root = Path(store.url) if not is_url(store.url) and not store.url.endswith(".zip") else None
+    lines = [f"{'array':20s} {'shape':24s} {'chunks':20s} {'shards':20s} {'on disk':>10s}  codecs"]
+    for name, array in sorted(store.group.arrays()):
+        size = sum(f.stat().st_size for f in (root / name).rglob("*") if f.is_file()) if root else None
+        codecs = ", ".join(type(c).__name__ for c in (*array.filters, *array.compressors))
+        lines.append(f"{name:20s} {str(array.shape):24s} {str(array.chunks):20s} {str(array.shards or '-'):20s} "
+                     f"{'-' if size is None else f'{size / 2**20:.2f} MiB':>10s}  {array.dtype} {codecs}")
+    return "\n".join(lines)
 
 
 def provenance_json(attrs: dict) -> str:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline.cache.store import (LOG_PROB_RANGE, SHARD_IMAGES, create_store, feature_size, finalize, level_array,
-                                  logit_size)
+                                  logit_size, recover_swap)
 from pipeline.inference import predict, resize
 from pipeline.device import set_cpu_threads
 from pipeline.cache.views import VIEW_ARRAYS, crop_params, draw_views
@@ -105,6 +105,7 @@ def cache_teacher(
     """
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
+    recover_swap(out)
     if out.exists() and not overwrite:
         raise SkdError(f"{out} already exists: pass --overwrite to replace it")
     # With --overwrite the old store stays usable until the new one is complete (see finalize).

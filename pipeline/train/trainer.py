@@ -89,6 +89,9 @@ class Trainer:
                 self.use_views = bool(self.store.views) and cfg.distill.views
                 if self.use_views:
                     self._check_views()
+                if "pa" in terms and not self.store.has_features:
+                    raise SkdError(f"{redact(cfg.distill.cache)} holds no teacher features (cached with --no-features): "
+                                   "pair-wise distillation (pa) needs them; re-cache, or train with --losses pi,ho")
                 if "pa" in terms:
                     self._check_feature_resolution()
                 self.targets = CachedTargets()
