@@ -26,6 +26,7 @@ from pipeline.cache.store import TeacherStore  # noqa: E402
 from pipeline.inference import predict  # noqa: E402
 from pipeline.data import build_dataset  # noqa: E402
 from pipeline.data.transforms import normalize  # noqa: E402
+from pipeline.distill.losses import pairwise_loss  # noqa: E402
 from pipeline.train.checkpoint import model_from_checkpoint  # noqa: E402
 from pipeline.device import resolve_device  # noqa: E402
 
@@ -55,6 +56,7 @@ def main() -> None:
     kl = {1.0: 0.0, 4.0: 0.0}
     agree = pixels = 0
     raw_logits = raw_features = 0
+    pa_errors: dict[tuple[int, int], list[float]] = {}
     for i in range(len(dataset)):
         image = normalize(dataset[i]["image"].to(device))[None]
         window = tuple(pre["teacher_window"]) if pre.get("teacher_window") else None
@@ -68,18 +70,31 @@ def main() -> None:
         pixels += reference[0, 0].numel()
         raw_logits += reference.numel() * 4
         pool = store.feature_pool
-        raw_features += F.max_pool2d(features, pool, pool, ceil_mode=True).numel() * 4
+        exact = F.max_pool2d(features, pool, pool, ceil_mode=True)
+        raw_features += exact.numel() * 4
+        if store.has_features:
+            # The pair-wise loss against a (random) student, from decoded vs exact teacher features,
+            # for nodes of 1 and 2 stored cells and of a quarter and half of the map.
+            fh, fw = exact.shape[-2:]
+            decoded = torch.from_numpy(store.group["features"][i][None]).to(device)[..., :fh, :fw]
+            decoded = decoded * float(store.feature_scale[i]) + float(store.feature_offset[i])
+            student = torch.randn(1, 32, fh, fw, generator=torch.Generator().manual_seed(i)).to(device)
+            for node in ((1, 1), (2, 2), (max(1, fh // 4), max(1, fw // 4)), (max(1, fh // 2), max(1, fw // 2))):
+                want = pairwise_loss(student, exact, node).item()
+                pa_errors.setdefault(node, []).append(abs(pairwise_loss(student, decoded, node).item() - want) / want)
     root = Path(args.cache)
     n = len(dataset)
     report = {
         "command": " ".join(sys.argv),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "device": str(device), "images": n, "codecs": store.attrs["codecs"],
-        "logits_bytes_per_image": folder_bytes(root / "logits") / n,
-        "features_bytes_per_image": folder_bytes(root / "features") / n,
+        "format_version": store.version,
+        "logits_bytes_per_image": folder_bytes(root / store.level_arrays[1.0]) / n,
+        "features_bytes_per_image": folder_bytes(root / "features") / n if store.has_features else 0,
         "raw_float32_logits_bytes_per_image": raw_logits / n,
         "raw_float32_features_bytes_per_image": raw_features / n,
         "mean_kl_T1": kl[1.0] / pixels, "mean_kl_T4": kl[4.0] / pixels, "argmax_agreement": agree / pixels,
+        "pairwise_loss_relative_error": {f"{k[0]}x{k[1]}": max(v) for k, v in pa_errors.items()},
     }
     print(json.dumps(report, indent=2))
     if args.output:
