@@ -177,8 +177,13 @@ def test_cached_teacher_scores_like_the_live_teacher(pipeline_run):
 
 def test_cache_info_prints_provenance(pipeline_run):
     text = pipeline_run["cache_info"].strip()
-    provenance_text, progress = text.rsplit("\n", 1)
-    provenance = json.loads(provenance_text)
+    provenance_text, rest = text.split("\n}\n", 1)
+    provenance = json.loads(provenance_text + "\n}")
+    table, progress = rest.rsplit("\n", 1)
+    # One line per array with its shape, chunks, shards and codecs.
+    rows = {line.split()[0]: line for line in table.splitlines()[1:]}
+    assert {"log_probs", "features", "feature_scale", "image_hw", "done"} <= set(rows)
+    assert "(16, 8, 4, 6)" in rows["log_probs"] and "FixedScaleOffset" in rows["log_probs"]
     weights = (pipeline_run["teacher"] / "model.pt").read_bytes()
     assert provenance["teacher"]["weights_sha256"] == hashlib.sha256(weights).hexdigest()
     assert provenance["teacher"]["name"] == "pspnet_resnet18" and provenance["teacher"]["num_classes"] == 8
