@@ -1,25 +1,26 @@
 """The teacher cache: one Zarr v3 group per (teacher, dataset split).
 
-Layout (opens with plain ``zarr.open_group``)::
+Layout, format 2 (opens with plain ``zarr.open_group``; zarr decodes every array to float32 itself)::
 
     attrs      JSON provenance: teacher, dataset (name, split, fingerprint, ids), preprocessing,
-               codecs, skd version, creation time, ``complete``
-    logits     (N, C, h, w)  float16  teacher log-probabilities at output stride 8 (valid logits:
-               softmax/argmax are unchanged, and the largest class sits at 0 where float16 is exact)
-    logits_x<s> (N, C, hs, ws) float16  optional extra levels: the teacher run on the image resized
-               by s (attribute ``logit_levels``); replay reads the level nearest a crop's scale
-    features   (N, F, hf, wf) float16  PSP features, max-pooled by ``feature_pool`` and divided by
-               the per-image ``feature_scale`` (so they never overflow float16)
-    feature_scale (N,) float32  features × feature_scale = the teacher's features
-    image_hw   (N, 2) int32  each image's true size; maps are top-left aligned on a fixed canvas
+               codecs and how to decode them, the canvas, skd version, creation time, ``complete``
+    log_probs  (N, C, h, w)  teacher log-probabilities at output stride 8, clipped at -16, 8-bit codes
+    log_probs_x<s> (N, C, hs, ws)  optional extra levels: the teacher run on the image resized by s
+               (attribute ``logit_levels``); replay reads the level nearest a crop's scale
+    features   (N, F, hf, wf)  PSP features max-pooled by ``feature_pool``, mapped per image onto
+               [0, 1], 8-bit codes (absent with ``features: false``)
+    feature_scale, feature_offset (N,)  features x scale + offset = the teacher's features
     view_*     optional bank of K augmented training views per image with the teacher's maps on
                each (``pipeline.cache.views``): view_crops (N, K, 5) int32, view_jitter (N, K, 3),
-               view_log_probs (N, K, C, ho, wo), view_features (N, K, F, hf, wf) pooled and scaled
-               like ``features``, view_feature_scale (N, K); attribute ``preprocessing.views``
-    done       (N,) bool     set after an image's maps are written, so a re-run resumes
+               view_log_probs (N, K, C, ho, wo), view_features (N, K, F, hf, wf), view_feature_scale
+               and view_feature_offset (N, K); attribute ``preprocessing.views``
+    image_hw   (N, 2) int32  each image's true size; maps are top-left aligned on a fixed canvas
+    done       (N,) bool     set after a shard's maps are written, so a re-run resumes
 
-A store is written to ``<path>.partial`` and renamed (or zipped) only when every image is done,
-so the final path never holds a half-written store.
+Arrays over images are sharded by ``shard_images`` images, one inner chunk per image (or 64x64 tile)
+with a crc32c checksum. Format 1 (float16 ``logits``, features only scaled, one file per image)
+is still read. A store is written to ``<path>.partial`` and renamed (or zipped) only when every
+image is done, so the final path never holds a half-written store.
 """
 
 from __future__ import annotations
