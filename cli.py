@@ -353,6 +353,58 @@ def cache_info(store: str) -> None:
     click.echo(f"{s.done_count()}/{len(s)} images cached, complete: {s.complete}")
 
 
+@cli.command("cache-stats")
+@click.argument("store")
+@click.option("--labels", default=None, help="DATASET/SPLIT (e.g. camvid/val): also the cached teacher's mIoU on it.")
+@click.option("--data-root", default=None, help="Root of the --labels dataset. [default: ./data/<dataset>]")
+@click.option("--output", type=click.Path(), default=None, help="Write the statistics as JSON here.")
+@click.pass_context
+def cache_stats(ctx: click.Context, store: str, labels: str | None, data_root: str | None, output: str | None) -> None:
+    """Bytes and compression per array, non-finite values, the teacher's class frequencies, mean
+    top-class probability and entropy histogram, computed chunk-parallel with dask from the store."""
+    import contextlib
+
+    from dask.diagnostics import ProgressBar
+
+    from pipeline.cache.stats import format_stats, store_stats
+    from pipeline.cache.store import TeacherStore
+
+    s = TeacherStore(store)
+    with ProgressBar() if ctx.obj["progress"] else contextlib.nullcontext():
+        stats = store_stats(s)
+    click.echo(format_stats(stats))
+    if labels:
+        from pipeline.data import build_dataset
+        from pipeline.evaluate import evaluate_cache
+
+        if labels.count("/") != 1:
+            raise SkdError(f"--labels takes DATASET/SPLIT, e.g. camvid/val, not {labels!r}")
+        name, split = labels.split("/")
+        dataset = build_dataset(name, data_root, split)
+        s.check_matches(dataset)
+        stats["miou"] = evaluate_cache(s, dataset, progress=ctx.obj["progress"]).miou()
+        click.echo(f"\ncached teacher on {labels}: mIoU {100 * stats['miou']:.2f}")
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(stats, indent=2))
+
+
+@cli.command("cache-pack")
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+def cache_pack(store: str, out: str) -> None:
+    """Pack a complete store directory into one .zip that skd (and zarr) read in place: a single
+    file to hand to a teammate or upload."""
+    from pipeline.cache.store import TeacherStore, pack_store
+
+    if not out.endswith(".zip"):
+        raise SkdError(f"{out}: the packed store's name must end in .zip")
+    source = TeacherStore(store)
+    if not source.complete:
+        raise SkdError(f"{store} is incomplete ({source.done_count()}/{len(source)} images cached): finish it first")
+    click.echo(f"packed {store} into {pack_store(Path(store), Path(out))}")
+
+
 @cli.command("cache-verify")
 @click.argument("store")
 @click.pass_context

@@ -126,3 +126,36 @@ def test_an_overwrite_killed_between_the_renames_leaves_a_usable_store(tmp_path,
     assert store.attrs["teacher"]["weights_sha256"] == ("1" if new_store_complete else "0") * 64
     assert verify_store(store, progress=False) == []
     shutil.rmtree(out)
+
+
+def test_dask_statistics_equal_a_numpy_loop(tmp_path):
+    from pipeline.cache.stats import store_stats
+
+    store = TeacherStore(write_store(tmp_path / "s.zarr", shard_images=4))
+    stats = store_stats(store, entropy_bins=5)
+    counts, top, entropies = np.zeros(8), [], []
+    for i in range(len(store)):  # one image at a time, no dask
+        log_probs = store.read_log_probs(i).astype(np.float64)
+        probs = np.exp(log_probs)
+        counts += np.bincount(log_probs.argmax(0).ravel(), minlength=8)
+        top.append(probs.max(0).ravel())
+        entropies.append(-(probs * log_probs).sum(0).ravel())
+    pixels = counts.sum()
+    assert stats["pixels"] == pixels == 6 * 4 * 6
+    np.testing.assert_allclose(stats["argmax_frequency"], counts / pixels, rtol=1e-12)
+    assert stats["mean_top_probability"] == pytest.approx(np.concatenate(top).mean(), rel=1e-6)
+    hist, _ = np.histogram(np.concatenate(entropies), bins=5, range=(0, np.log(8)))
+    np.testing.assert_allclose(stats["entropy_histogram"]["fraction"], hist / pixels, atol=1e-12)
+    assert stats["arrays"]["log_probs"]["nonfinite"] == 0 and 0 < stats["arrays"]["log_probs"]["ratio"] < 1
+
+
+def test_a_packed_store_reads_in_place_like_the_directory(tmp_path):
+    store = write_store(tmp_path / "s.zarr")
+    result = subprocess.run([sys.executable, "-m", "cli", "cache-pack", str(store), str(tmp_path / "s.zip")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    packed, directory = TeacherStore(tmp_path / "s.zip"), TeacherStore(store)
+    assert verify_store(packed, progress=False) == []
+    for i in range(len(directory)):
+        np.testing.assert_array_equal(packed.read_log_probs(i), directory.read_log_probs(i))
+    assert not (tmp_path / "s.zip.tmp").exists()

@@ -379,12 +379,7 @@ def finalize(partial: Path, final: Path) -> None:
     group = zarr.open_group(str(partial), mode="r+")
     group.attrs["complete"] = True
     if str(final).endswith(".zip"):
-        tmp = final.with_name(final.name + ".tmp")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:  # chunks are compressed
-            for file in sorted(partial.rglob("*")):
-                if file.is_file():
-                    zf.write(file, file.relative_to(partial).as_posix())
-        os.replace(tmp, final)  # replaces an older zip atomically
+        pack_store(partial, final)
         shutil.rmtree(partial)
         return
     old = final.with_name(final.name + ".old")
@@ -395,6 +390,21 @@ def finalize(partial: Path, final: Path) -> None:
     os.replace(partial, final)
     if old.exists():
         shutil.rmtree(old)
+
+
+def pack_store(directory: Path, zip_path: Path) -> Path:
+    """Pack a directory store into one zip file that skd and zarr read in place (entries stored,
+    not compressed again: the chunks are). Written to a temporary file and renamed."""
+    if not (Path(directory) / "zarr.json").is_file():
+        raise SkdError(f"{directory} is not a Zarr store directory (no zarr.json)")
+    zip_path = Path(zip_path)
+    tmp = zip_path.with_name(zip_path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        for file in sorted(Path(directory).rglob("*")):
+            if file.is_file():
+                zf.write(file, file.relative_to(directory).as_posix())
+    os.replace(tmp, zip_path)  # replaces an older zip atomically
+    return zip_path
 
 
 def recover_swap(final: Path) -> None:
