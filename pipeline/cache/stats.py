@@ -39,7 +39,7 @@ def store_stats(store: TeacherStore, entropy_bins: int = 20) -> dict[str, Any]:
 
     mask = extent_mask(store)
     log_probs = da.from_zarr(store.group[store.level_arrays[1.0]])
-    valid = da.from_array(mask, chunks=(1, *mask.shape[1:]))
+    valid = da.from_array(mask, chunks=(log_probs.chunks[0], *log_probs.chunks[2:]))
     num_classes = log_probs.shape[1]
     probs = da.exp(log_probs)
     top = probs.max(axis=1)

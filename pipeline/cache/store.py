@@ -149,7 +149,11 @@ def create_store(
 
     def per_image(name: str, shape: tuple[int, ...], dtype: str, inner: tuple[int, ...], filters: list | None,
                   fill: Any, dims: tuple[str, ...], content: str, **attributes: Any) -> None:
-        group.create_array(name, shape=(n, *shape), dtype=dtype, chunks=(1, *inner), shards=(shard, *shape),
+        # Per-image parameters (scales, offsets, crops: no filters) go in one plain chunk per shard:
+        # an index of per-image chunks would outweigh them.
+        small = filters is None
+        group.create_array(name, shape=(n, *shape), dtype=dtype, chunks=((shard,) if small else (1,)) + tuple(
+                               shape if small else inner), shards=None if small else (shard, *shape),
                            filters=filters, compressors=compressors(), fill_value=fill,
                            dimension_names=("image", *dims), attributes={"content": content, **attributes})
 
