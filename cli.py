@@ -70,6 +70,9 @@ def train_options(f):
         click.option("--pretrained-backbone", type=click.Path(), default=None,
                      help="torchvision ImageNet checkpoint to initialise the backbone from."),
         click.option("--iterations", type=int, default=None, help="Training iterations. [default: 40000]"),
+        click.option("--budget-minutes", type=float, default=None,
+                     help="Train for this many minutes of wall-clock time instead of --iterations; the poly "
+                          "schedule and the distillation warm-up run over the budget (compare methods at equal cost)."),
         click.option("--batch-size", type=int, default=None, help="[default: 8]"),
         click.option("--lr", type=float, default=None, help="SGD learning rate, poly decay. [default: 0.01]"),
         click.option("--crop-size", default=None, help="Random crop HxW, e.g. 512x512. [default: whole images]"),
@@ -95,7 +98,7 @@ def common_train_updates(kw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "data": {"dataset": kw["dataset"], "root": kw["data_root"], "crop_size": parse_hw(kw["crop_size"]),
                  "scale_range": parse_floats(kw["scale_range"]), "flip": kw["flip"], "workers": kw["workers"]},
         "model": {"name": kw["model"], "width": kw["width"], "pretrained_backbone": kw["pretrained_backbone"]},
-        "train": {"iterations": kw["iterations"], "batch_size": kw["batch_size"], "lr": kw["lr"], "seed": kw["seed"],
+        "train": {"iterations": kw["iterations"], "budget_minutes": kw["budget_minutes"], "batch_size": kw["batch_size"], "lr": kw["lr"], "seed": kw["seed"],
                   "device": kw["device"], "out": kw["out"]},
     }
 
@@ -146,13 +149,15 @@ def train_teacher(ctx: click.Context, config_path: str | None, resume: bool, **k
 @click.option("--teacher", type=click.Path(), default=None,
               help="Online mode: a teacher checkpoint run live on every batch instead of a cache.")
 @click.option("--losses", default=None,
-              help="Distillation terms, any of pi (pixel-wise), pa (pair-wise), ho (holistic), or 'none'. [default: pi,pa,ho]")
+              help="Distillation terms, any of pi (pixel-wise), pa (pair-wise), ho (holistic), fd (feature "
+                   "distillation through a learned adapter, beyond the paper), or 'none'. [default: pi,pa,ho]")
 @click.option("--lambda-pi", type=float, default=None,
               help=f"Pixel-wise weight on the per-pixel mean KL (the reference's 10 x batch 8 = 80 is available, "
                    f"but ruins students trained from scratch: see docs/RESULTS.md). [default: {_D.lambda_pi:g}]")
 @click.option("--temperature", type=float, default=None, help=f"Pixel-wise softmax temperature. [default: {_D.temperature:g}]")
 @click.option("--lambda-pa", type=float, default=None, help=f"Pair-wise weight. [default: {_D.lambda_pa:g}]")
 @click.option("--lambda-ho", type=float, default=None, help=f"Holistic (adversarial) weight. [default: {_D.lambda_ho:g}]")
+@click.option("--lambda-fd", type=float, default=None, help=f"Feature-distillation weight. [default: {_D.lambda_fd:g}]")
 @click.option("--pa-node", default=None,
               help=f"Pair-wise node size: a fraction of the feature map in (0, 1] (0.5 = 2x2 nodes, 1 = whole map) "
                    f"or a fixed kernel such as 2px. [default: {_D.pa_node}]")
@@ -176,7 +181,7 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
     updates = common_train_updates(kw)
     updates["train"]["out"] = kw["out"] or "runs/student"
     updates["distill"] = {"losses": parse_terms(kw["losses"]), "lambda_pi": kw["lambda_pi"], "lambda_pa": kw["lambda_pa"],
-                          "lambda_ho": kw["lambda_ho"], "pa_node": kw["pa_node"], "teacher": kw["teacher"],
+                          "lambda_ho": kw["lambda_ho"], "lambda_fd": kw["lambda_fd"], "pa_node": kw["pa_node"], "teacher": kw["teacher"],
                           "cache": kw["cache"], "temperature": kw["temperature"], "kd_warmup": kw["kd_warmup"],
                           "pseudo_labels": kw["pseudo_labels"], "views": kw["views"]}
     cfg = build_config(config_path, **updates)

@@ -102,7 +102,7 @@ def _log_summary(log_file: Path) -> dict:
     if not log_file.exists():
         return {}
     rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
-    summary = {f"final_{k}": v for k, v in rows[-1].items() if k not in ("iteration", "lr", "step_s")
+    summary = {f"final_{k}": v for k, v in rows[-1].items() if k not in ("iteration", "lr", "step_s", "elapsed_s")
                and not k.startswith("grad_")}
     grads = {k for row in rows for k in row if k.startswith("grad_")}
     for key in sorted(grads):

@@ -16,7 +16,7 @@ from pipeline.distill.losses import parse_node_size
 from pipeline.errors import SkdError
 from pipeline.inference import PRECISIONS
 
-DISTILL_TERMS = ("pi", "pa", "ho")
+DISTILL_TERMS = ("pi", "pa", "ho", "fd")
 
 
 @dataclass
@@ -49,8 +49,9 @@ class ModelConfig:
 
 @dataclass
 class DistillConfig:
-    # Any subset of "pi", "pa", "ho"; the full method by default (train-teacher clears it).
-    losses: list[str] = field(default_factory=lambda: list(DISTILL_TERMS))
+    # Any subset of "pi", "pa", "ho" (the paper's terms, all three by default; train-teacher clears
+    # them) and "fd" (feature distillation, beyond the paper).
+    losses: list[str] = field(default_factory=lambda: ["pi", "pa", "ho"])
     cache: str | None = None  # teacher cache (directory, .zip or fsspec URL)
     teacher: str | None = None  # online mode: a teacher checkpoint, run live on every batch
     # Weight on the per-pixel mean KL. The reference sums per-image means over a batch of 8 with
@@ -65,6 +66,10 @@ class DistillConfig:
     pa_node: float | str = 0.5
     lambda_ho: float = 0.1
     lambda_gp: float = 10.0
+    # Feature distillation: the student's PSP features through a learned 1x1 adapter to the
+    # teacher's channels, squared distance per pixel (after L2 normalisation of both, by default).
+    lambda_fd: float = 1.0
+    fd_normalize: bool = True
     d_conditioning: str = "image"  # "image": softmax map + RGB (paper); "logits": raw logits + BatchNorm
     d_loss: str = "wgan"  # "wgan" (WGAN-GP, paper) or "hinge"
     d_optimizer: str = "sgd"  # "sgd" (reference) or "adam"
@@ -82,6 +87,10 @@ class DistillConfig:
 @dataclass
 class TrainConfig:
     iterations: int = 40000
+    # Train for this many minutes of wall-clock time instead of ``iterations`` (the poly schedule and
+    # the distillation warm-up are then defined over the budget): methods with different step costs
+    # compared at equal cost.
+    budget_minutes: float | None = None
     batch_size: int = 8
     lr: float = 0.01
     momentum: float = 0.9
@@ -172,6 +181,8 @@ def validate(cfg: Config) -> None:
         raise SkdError(f"data.crop_size must be [height, width], not {cfg.data.crop_size}")
     if len(cfg.data.scale_range) != 2 or not 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1]:
         raise SkdError(f"data.scale_range must be [low, high] with 0 < low <= high, not {cfg.data.scale_range}")
+    if cfg.train.budget_minutes is not None and not cfg.train.budget_minutes > 0:
+        raise SkdError(f"train.budget_minutes must be positive minutes, not {cfg.train.budget_minutes}")
     if cfg.train.iterations < 1 or cfg.train.batch_size < 1:
         raise SkdError("train.iterations and train.batch_size must be at least 1")
     if cfg.cache.feature_pool < 1:

@@ -129,11 +129,11 @@ def test_pipeline_trains_teacher_and_student(pipeline_run):
     assert str(student / "model.pt") in pipeline_run["train_student"]
     teacher_log = [json.loads(line) for line in (teacher / "log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in teacher_log] == [1, 2]
-    assert {"task", "grad_task"} == set(teacher_log[0]) - {"iteration", "lr", "step_s"}
+    assert {"task", "grad_task"} == set(teacher_log[0]) - {"iteration", "lr", "step_s", "elapsed_s"}
     student_log = [json.loads(line) for line in (student / "log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in student_log] == [1, 2]
     terms = {"task", "pi", "pa", "ho"}
-    assert set(student_log[-1]) - {"iteration", "lr", "step_s"} == terms | {"d_adv", "d_gp"} | {f"grad_{t}" for t in terms}
+    assert set(student_log[-1]) - {"iteration", "lr", "step_s", "elapsed_s"} == terms | {"d_adv", "d_gp"} | {f"grad_{t}" for t in terms}
     assert json.loads((student / "config.json").read_text())["distill"]["cache"] == str(pipeline_run["train_store"])
     for store in (pipeline_run["train_store"], pipeline_run["val_store"]):
         assert store.is_dir() and not Path(f"{store}.partial").exists()

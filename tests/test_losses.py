@@ -7,6 +7,7 @@ import torch
 
 from pipeline.distill.losses import (
     discriminator_loss,
+    feature_loss,
     generator_loss,
     gradient_penalty,
     pairwise_loss,
@@ -439,3 +440,41 @@ def test_gradient_penalty_does_not_train_real_or_fake():
     gp.backward()
     assert w.grad is not None
     assert real.grad is None and fake.grad is None
+
+
+# --------------------------------------------------------------------------------------------
+# Feature distillation
+# --------------------------------------------------------------------------------------------
+
+
+def test_feature_loss_is_zero_when_the_adapter_maps_student_to_teacher_exactly():
+    torch.manual_seed(0)
+    student = torch.randn(2, 5, 4, 6)
+    adapter = torch.nn.Conv2d(5, 7, 1)
+    teacher = adapter(student).detach()  # the teacher's features are exactly an adapter of the student's
+    for normalize in (True, False):
+        assert feature_loss(adapter(student), teacher, normalize=normalize).item() == pytest.approx(0.0, abs=1e-12)
+    # Normalised, a per-pixel positive scale of the teacher changes nothing; plain, it does.
+    scaled = teacher * torch.rand(2, 1, 4, 6).add(0.5)
+    assert feature_loss(adapter(student), scaled).item() == pytest.approx(0.0, abs=1e-10)
+    assert feature_loss(adapter(student), scaled, normalize=False).item() > 1e-3
+
+
+def test_feature_loss_values_and_where_its_gradient_goes():
+    # One pixel, student (1, 0) vs teacher (0, 1): normalised, |s - t|^2 = 2; plain, mean of (1, 1) = 1.
+    student = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1).requires_grad_(True)
+    teacher = torch.tensor([0.0, 1.0]).view(1, 2, 1, 1).requires_grad_(True)
+    assert feature_loss(student, teacher).item() == pytest.approx(2.0, rel=1e-6)
+    assert feature_loss(student, teacher, normalize=False).item() == pytest.approx(1.0, rel=1e-6)
+    # Through an adapter the gradient reaches the student and the adapter, never the teacher's targets.
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    adapter = torch.nn.Conv2d(3, 2, 1)
+    target = torch.randn(2, 2, 4, 4, requires_grad=True)
+    valid = torch.ones(2, 4, 4, dtype=torch.bool)
+    valid[:, :, 2:] = False
+    loss = feature_loss(adapter(x), target, valid)
+    loss.backward()
+    assert x.grad.abs().sum() > 0 and adapter.weight.grad.abs().sum() > 0
+    assert target.grad is None
+    assert torch.equal(x.grad[:, :, :, 2:], torch.zeros_like(x.grad[:, :, :, 2:]))  # masked pixels get nothing

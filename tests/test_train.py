@@ -26,7 +26,7 @@ from pipeline.train.trainer import EpochBatches, Trainer, poly_schedule, train
 
 TEACHER_ARCH = {"name": "pspnet_resnet18", "num_classes": 8, "width": 0.25}
 STUDENT_ARCH = {"name": "pspnet_resnet18", "num_classes": 8, "width": 0.125}
-BOOKKEEPING = {"iteration", "lr", "step_s"}
+BOOKKEEPING = {"iteration", "lr", "step_s", "elapsed_s"}
 
 
 def tiny_dataset(seed: int = 0):
@@ -80,7 +80,7 @@ def interrupted_run(cfg: Config, stop_after: int, monkeypatch) -> None:
 
 # -- ablations ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("losses", [(), ("pi",), ("pi", "pa"), ("pi", "pa", "ho")], ids=lambda t: "+".join(t) or "none")
+@pytest.mark.parametrize("losses", [(), ("pi",), ("pi", "pa"), ("pi", "pa", "ho"), ("fd",)], ids=lambda t: "+".join(t) or "none")
 def test_every_ablation_trains_with_finite_logged_terms(tiny_config, store, tmp_path, losses):
     out = tmp_path / "run"
     cfg = make_config(tiny_config, out, losses, cache=store if losses else None)
@@ -107,6 +107,7 @@ def test_every_ablation_trains_with_finite_logged_terms(tiny_config, store, tmp_
     last = load_checkpoint(out / "last.pt")
     assert last["iteration"] == 4
     assert ("discriminator" in last) == ("ho" in losses)
+    assert ("fd_adapter" in last) == ("fd" in losses)  # trained with the student, not part of model.pt
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, last["model"][name]), name
     with torch.no_grad():
@@ -178,6 +179,22 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_conf
         train(cfg, progress=False)
     assert load_checkpoint(out / "last.pt")["iteration"] == 2  # checkpoint_every 2: the state before
     assert not (out / "model.pt").exists()
+
+
+def test_a_wall_clock_budget_stops_the_run_with_the_schedule_spent(tiny_config, store, tmp_path):
+    out = tmp_path / "run"
+    cfg = make_config(tiny_config, out, ("pi", "ho"), cache=store,
+                      train={"budget_minutes": 0.05, "iterations": 10**6, "log_every": 1})
+    train(cfg, progress=False)
+    records = read_log(out)
+    elapsed = [r["elapsed_s"] for r in records]
+    assert 1 < len(records) < 10**6 and elapsed == sorted(elapsed)
+    assert elapsed[-1] >= 3.0 and elapsed[-2] < 3.0  # stopped at the first step past the 3 s budget
+    # The poly schedule runs over the budget: each step's lr is (1 - elapsed before it / budget)^0.9.
+    for before, record in zip(elapsed, records[1:]):
+        assert record["lr"] == pytest.approx(0.01 * (1 - before / 3.0) ** 0.9, rel=1e-6)
+    last = load_checkpoint(out / "last.pt")
+    assert last["iteration"] == len(records) and last["elapsed_s"] == pytest.approx(elapsed[-1])
 
 
 def test_resume_without_a_checkpoint_is_refused(tiny_config, tmp_path):

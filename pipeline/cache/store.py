@@ -236,6 +236,7 @@ class TeacherStore:
         self.level_arrays: dict[float, str] = {float(lv["scale"]): lv["array"] for lv in levels}
         self.levels: list[float] = sorted(self.level_arrays)
         self.has_features: bool = bool(attrs.get("features", True))
+        self.feature_channels: int | None = (self.group["features"].shape[1] if self.has_features else None)
         self.feature_stride: int = int(attrs.get("feature_stride", OUTPUT_STRIDE * self.feature_pool))
         self.image_hw: np.ndarray = self.group["image_hw"][:]
         # The positive per-image factors that turn stored features back into the teacher's (all 1

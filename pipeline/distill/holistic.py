@@ -28,7 +28,7 @@ from torch import Tensor
 from pipeline.config import DistillConfig
 from pipeline.distill.losses import discriminator_loss, generator_loss, gradient_penalty
 from pipeline.models.discriminator import Discriminator
-from pipeline.train.schedule import poly_schedule
+from pipeline.train.schedule import Progress, poly_schedule
 
 
 class HolisticTerm:
@@ -37,7 +37,8 @@ class HolisticTerm:
     Args:
         num_classes: C, channels of the segmentation maps.
         cfg: ``lambda_ho``, ``lambda_gp``, ``d_conditioning``, ``d_loss``, ``d_optimizer``, ``d_lr``.
-        iterations, poly_power: the poly schedule of D's learning rate (the student's schedule).
+        iterations, poly_power: the poly schedule of D's learning rate (the student's schedule: a
+            number of steps, or the trainer's ``Progress`` for a wall-clock budget).
         device: where D lives.
         autocast_cuda: run D's forward in the generator step under bf16 autocast, on CUDA only (as
             the trainer runs the student). The discriminator step stays in float32: the gradient
@@ -48,7 +49,7 @@ class HolisticTerm:
         self,
         num_classes: int,
         cfg: DistillConfig,
-        iterations: int,
+        iterations: int | Progress,
         poly_power: float,
         device: torch.device,
         autocast_cuda: bool = True,

@@ -262,6 +262,34 @@ def pairwise_loss(
 
 
 # --------------------------------------------------------------------------------------------
+# Feature distillation (beyond the paper: canonical feature KD)
+# --------------------------------------------------------------------------------------------
+
+
+def feature_loss(adapted_student: Tensor, teacher_feat: Tensor, valid: Tensor | None = None,
+                 normalize: bool = True) -> Tensor:
+    """Feature distillation: squared distance between the student's features, already mapped to the
+    teacher's channels by an adapter, and the teacher's (B×C×H×W each), summed over channels and
+    averaged over valid pixels. With ``normalize`` both sides are L2-normalised per pixel first
+    (the loss is then 2 − 2·cos, blind to feature scale); without, it is the plain squared error
+    averaged over channels too. The teacher is detached; no valid pixel gives 0.
+    """
+    if adapted_student.shape != teacher_feat.shape or adapted_student.dim() != 4:
+        raise ValueError("feature_loss needs adapted student and teacher features of the same B×C×H×W shape, got "
+                         f"{tuple(adapted_student.shape)} and {tuple(teacher_feat.shape)}")
+    s = _at_least_float32(adapted_student)
+    t = _at_least_float32(teacher_feat).detach()
+    if normalize:
+        s = s / (s.norm(dim=1, keepdim=True) + _NORM_EPS)
+        t = t / (t.norm(dim=1, keepdim=True) + _NORM_EPS)
+    per_pixel = ((s - t) ** 2).sum(dim=1) / (1 if normalize else s.shape[1])
+    if valid is None:
+        return per_pixel.mean()
+    keep = valid.bool()
+    return torch.where(keep, per_pixel, torch.zeros_like(per_pixel)).sum() / keep.sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------------------------
 # Holistic (adversarial) distillation
 # --------------------------------------------------------------------------------------------
 

@@ -27,13 +27,13 @@ from pipeline.data import build_dataset
 from pipeline.data.transforms import IGNORE_INDEX, normalize
 from pipeline.device import resolve_device, set_cpu_threads
 from pipeline.distill.holistic import HolisticTerm
-from pipeline.distill.losses import pairwise_loss, pixelwise_loss, resolve_node_size, task_loss
+from pipeline.distill.losses import feature_loss, pairwise_loss, pixelwise_loss, resolve_node_size, task_loss
 from pipeline.distill.targets import CachedTargets, OnlineTargets
 from pipeline.errors import SkdError
 from pipeline.inference import OUTPUT_STRIDE, output_size
 from pipeline.models import build_model
 from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from pipeline.train.schedule import poly_schedule
+from pipeline.train.schedule import Progress, poly_schedule
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class EpochBatches(torch.utils.data.Sampler):
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
         self.cfg = cfg
-        self.progress = progress
+        self.show_progress = progress
         self.device = resolve_device(cfg.train.device)
         set_cpu_threads(self.device, cfg.data.workers)
         self.out = Path(cfg.train.out)
@@ -73,6 +73,7 @@ class Trainer:
         self.store = None
         self.use_views = False
         self.targets: CachedTargets | OnlineTargets | None = None
+        teacher_channels = None
         if terms or cfg.distill.pseudo_labels:
             if cfg.distill.teacher:
                 teacher, arch = model_from_checkpoint(cfg.distill.teacher)
@@ -81,6 +82,7 @@ class Trainer:
                                    f"{data.dataset} has {self.dataset.num_classes}")
                 bf16 = cfg.train.amp and self.device.type == "cuda"
                 self.targets = OnlineTargets(teacher.to(self.device), precision="bf16" if bf16 else "fp32")
+                teacher_channels = teacher.feature_channels
                 log.info("online distillation: %s runs on every batch%s", cfg.distill.teacher,
                          " (the cache setting is ignored)" if cfg.distill.cache else "")
             elif cfg.distill.cache:
@@ -89,12 +91,14 @@ class Trainer:
                 self.use_views = bool(self.store.views) and cfg.distill.views
                 if self.use_views:
                     self._check_views()
-                if "pa" in terms and not self.store.has_features:
+                if terms & {"pa", "fd"} and not self.store.has_features:
                     raise SkdError(f"{redact(cfg.distill.cache)} holds no teacher features (cached with --no-features): "
-                                   "pair-wise distillation (pa) needs them; re-cache, or train with --losses pi,ho")
+                                   "pair-wise and feature distillation (pa, fd) need them; re-cache, or train with "
+                                   "--losses pi,ho")
                 if "pa" in terms:
                     self._check_feature_resolution()
                 self.targets = CachedTargets()
+                teacher_channels = self.store.feature_channels
                 log.info("distilling from the cache %s (teacher %s, %s)", redact(cfg.distill.cache),
                          self.store.attrs["teacher"].get("name"),
                          f"{self.store.views['count']} stored views per image" if self.use_views
@@ -107,11 +111,18 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.student = build_model(cfg.model.name, self.dataset.num_classes, width=cfg.model.width,
                                    pretrained_backbone=cfg.model.pretrained_backbone).to(self.device)
+        # Feature distillation: a 1x1 conv from the student's PSP features to the teacher's channels,
+        # trained with the student (and kept out of model.pt: deployment needs the student alone).
+        self.adapter = (torch.nn.Conv2d(self.student.feature_channels, teacher_channels, 1).to(self.device)
+                        if "fd" in terms else None)
         t = cfg.train
-        self.optimizer = torch.optim.SGD(self.student.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        self.scheduler = poly_schedule(self.optimizer, t.iterations, t.poly_power)
+        params = [*self.student.parameters(), *(self.adapter.parameters() if self.adapter is not None else [])]
+        self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        # Progress by iterations, or by training seconds against --budget-minutes.
+        self.progress = Progress(t.iterations, 60.0 * t.budget_minutes if t.budget_minutes else None)
+        self.scheduler = poly_schedule(self.optimizer, self.progress, t.poly_power)
         self.amp = t.amp and self.device.type == "cuda"
-        self.holistic = (HolisticTerm(self.dataset.num_classes, cfg.distill, t.iterations, t.poly_power, self.device,
+        self.holistic = (HolisticTerm(self.dataset.num_classes, cfg.distill, self.progress, t.poly_power, self.device,
                                       autocast_cuda=self.amp) if "ho" in terms else None)
 
         self.iteration = 0
@@ -128,12 +139,14 @@ class Trainer:
         state = {
             "arch": self.arch(), "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "iteration": self.iteration, "config": self.cfg.to_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": torch.get_rng_state(), "elapsed_s": self.progress.elapsed_s,
         }
         if self.device.type == "cuda":  # the gradient penalty's α and dropout draw on the device
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         if self.holistic is not None:
             state |= self.holistic.state_dict()
+        if self.adapter is not None:
+            state["fd_adapter"] = self.adapter.state_dict()
         return state
 
     def _resume(self) -> None:
@@ -150,10 +163,15 @@ class Trainer:
             if "discriminator" not in state:
                 raise SkdError(f"--resume: {path} has no discriminator state but holistic distillation is on")
             self.holistic.load_state_dict(state)
+        if self.adapter is not None:
+            if "fd_adapter" not in state:
+                raise SkdError(f"--resume: {path} has no feature-distillation adapter but fd is on")
+            self.adapter.load_state_dict(state["fd_adapter"])
         torch.set_rng_state(state["torch_rng"])
         if self.device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.iteration = int(state["iteration"])
+        self.progress.elapsed_s = float(state.get("elapsed_s", 0.0))
         log.info("resumed %s at iteration %d", path, self.iteration)
 
     def save(self) -> None:
@@ -162,7 +180,7 @@ class Trainer:
     # -- data ----------------------------------------------------------------------------------
     def batches(self) -> Iterator[dict]:
         data, t = self.cfg.data, self.cfg.train
-        samples = TrainingSamples(self.dataset, data.augment(), self.store, seed=t.seed, features="pa" in self.terms,
+        samples = TrainingSamples(self.dataset, data.augment(), self.store, seed=t.seed, features=bool(self.terms & {"pa", "fd"}),
                                   views=self.use_views)
         loader = DataLoader(
             samples, batch_sampler=EpochBatches(len(samples), t.batch_size, t.seed, self.iteration),
@@ -231,7 +249,10 @@ class Trainer:
                 t_logits, t_features = self.targets(batch, images, out_hw)
             if d.pseudo_labels:
                 label = pseudo_labels(t_logits, batch["valid"], label.shape[-2:])
-        weight = kd_weight(self.iteration, round(d.kd_warmup * cfg.train.iterations))
+        if self.progress.budget_s:  # the warm-up is a fraction of the budget
+            weight = 1.0 if d.kd_warmup <= 0 else min(1.0, self.progress.fraction(self.iteration) / d.kd_warmup)
+        else:
+            weight = kd_weight(self.iteration, round(d.kd_warmup * cfg.train.iterations))
         with record_function("losses"):
             losses = {"task": task_loss(logits, label, out.aux.float() if out.aux is not None else None,
                                         aux_weight=cfg.train.aux_weight)}
@@ -243,6 +264,9 @@ class Trainer:
                 losses["pa"] = weight * d.lambda_pa * pairwise_loss(out.features.float(), t_features, node, valid)
             if "ho" in self.terms:
                 losses["ho"] = weight * self.holistic.generator_loss(logits, t_logits, images, valid)
+            if "fd" in self.terms:
+                adapted = self.adapter(out.features.float())
+                losses["fd"] = weight * d.lambda_fd * feature_loss(adapted, t_features, valid, d.fd_normalize)
         if grad_norms:
             losses |= {f"grad_{name}": _grad_norm(loss, out.features) for name, loss in list(losses.items())}
         with record_function("backward and update"):
@@ -270,6 +294,12 @@ class Trainer:
         return values
 
     # -- loop ----------------------------------------------------------------------------------
+    def finished(self) -> bool:
+        """Every iteration done, or, with --budget-minutes, the training time spent."""
+        if self.progress.budget_s:
+            return self.progress.elapsed_s >= self.progress.budget_s
+        return self.iteration >= self.cfg.train.iterations
+
     def fit(self) -> Path:
         t = self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
@@ -277,30 +307,37 @@ class Trainer:
         log_file = open(self.out / "log.jsonl", "a")
         from tqdm import tqdm
 
-        bar = tqdm(total=t.iterations, initial=self.iteration, desc="train", unit="it", disable=not self.progress)
+        budget = self.progress.budget_s
+        bar = tqdm(total=None if budget else t.iterations, initial=self.iteration, desc="train", unit="it",
+                   disable=not self.show_progress)
         started, window = time.perf_counter(), []
         try:
+            last = time.perf_counter()
             for batch in self.batches():
-                if self.iteration >= t.iterations:
+                if self.finished():
                     break
                 tic = time.perf_counter()
-                logged = (self.iteration + 1) % t.log_every == 0 or self.iteration + 1 == t.iterations
+                logged = (self.iteration + 1) % t.log_every == 0 or (not budget and self.iteration + 1 == t.iterations)
                 record = self.step(batch, grad_norms=logged and t.log_grad_norms)
                 self.iteration += 1
-                window.append(time.perf_counter() - tic)
+                now = time.perf_counter()
+                window.append(now - tic)
+                self.progress.elapsed_s += now - last  # data loading and checkpoints count against a budget
+                last = now
                 bar.update(1)
-                if self.iteration % t.log_every == 0 or self.iteration == t.iterations:
+                done = self.finished()
+                if self.iteration % t.log_every == 0 or done:
                     record |= {"iteration": self.iteration, "lr": self.scheduler.get_last_lr()[0],
-                               "step_s": sum(window) / len(window)}
+                               "step_s": sum(window) / len(window), "elapsed_s": self.progress.elapsed_s}
                     window = []
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
                     bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
-                                     if k not in ("iteration", "lr", "step_s") and not k.startswith("grad_")})
-                    if not self.progress:
-                        log.info("it %d/%d  %s", self.iteration, t.iterations,
+                                     if k not in ("iteration", "lr", "step_s", "elapsed_s") and not k.startswith("grad_")})
+                    if not self.show_progress:
+                        log.info("it %d/%s  %s", self.iteration, "-" if budget else t.iterations,
                                  "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "iteration"))
-                if self.iteration % t.checkpoint_every == 0 or self.iteration == t.iterations:
+                if self.iteration % t.checkpoint_every == 0 or done:
                     self.save()
         finally:
             bar.close()
