@@ -249,10 +249,7 @@ class Trainer:
                 t_logits, t_features = self.targets(batch, images, out_hw)
             if d.pseudo_labels:
                 label = pseudo_labels(t_logits, batch["valid"], label.shape[-2:])
-        if self.progress.budget_s:  # the warm-up is a fraction of the budget
-            weight = 1.0 if d.kd_warmup <= 0 else min(1.0, self.progress.fraction(self.iteration) / d.kd_warmup)
-        else:
-            weight = kd_weight(self.iteration, round(d.kd_warmup * cfg.train.iterations))
+        weight = self._kd_weight()
         with record_function("losses"):
             losses = {"task": task_loss(logits, label, out.aux.float() if out.aux is not None else None,
                                         aux_weight=cfg.train.aux_weight)}
@@ -281,6 +278,13 @@ class Trainer:
         # The step's one host sync. A non-finite value stops the run; the state on disk is the last
         # checkpoint, written before this step.
         return self._checked_values(losses)
+
+    def _kd_weight(self) -> float:
+        """The distillation warm-up factor of this step: over the iterations, or over a budget."""
+        warmup = self.cfg.distill.kd_warmup
+        if self.progress.budget_s:
+            return 1.0 if warmup <= 0 else min(1.0, self.progress.fraction(self.iteration) / warmup)
+        return kd_weight(self.iteration, round(warmup * self.cfg.train.iterations))
 
     def _checked_values(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
         """The loss values as floats (one device sync for all of them); a NaN/inf stops the run."""
