@@ -346,6 +346,29 @@ def check_data_cmd(config_path: str | None, dataset: str | None, data_root: str 
         raise SystemExit(1)
 
 
+@cli.command("profile")
+@click.option("--checkpoint", type=click.Path(), required=True, help="Model checkpoint (skd's model.pt or last.pt).")
+@click.option("--size", default="512x1024", help="Input HxW. [default: 512x1024]")
+@click.option("--batch-sizes", default="1,8", help="Batch sizes to time. [default: 1,8]")
+@click.option("--device", default="auto", help="auto, cpu, cuda ...")
+@click.option("--output", type=click.Path(), default=None, help="Write the numbers as JSON here.")
+def profile(checkpoint: str, size: str, batch_sizes: str, device: str, output: str | None) -> None:
+    """Model-card numbers: parameters, GFLOPs per image (torch's FlopCounterMode), latency and
+    images/s at each batch size, and peak memory, on the CPU or a GPU."""
+    from pipeline.device import resolve_device
+    from pipeline.profile import format_profile, profile_model
+    from pipeline.train.checkpoint import model_from_checkpoint
+
+    model, arch = model_from_checkpoint(checkpoint)
+    report = profile_model(model, tuple(parse_hw(size)), resolve_device(device),
+                           tuple(int(b) for b in batch_sizes.split(",")))
+    report["arch"] = arch
+    click.echo(format_profile(f"{arch['name']} x{arch.get('width', 1.0)}", report))
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(report, indent=2))
+
+
 @cli.command("cache-info")
 @click.argument("store")
 def cache_info(store: str) -> None:
