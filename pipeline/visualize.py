@@ -53,14 +53,26 @@ def save_comparison(path, image_uint8_3HW, label, pred, palette: list[tuple]) ->
         raise ValueError(
             f"image {image.shape[:2]}, label {gt.shape[:2]} and prediction {pr.shape[:2]} must have the same size"
         )
-    panel = np.concatenate([image, gt, pr], axis=1)
+    save_png(path, np.concatenate([image, gt, pr], axis=1))
 
+
+def overlay(image_uint8_3HW, label, palette: list[tuple], alpha: float = 0.5) -> np.ndarray:
+    """The coloured label blended over the image (H×W×3 uint8); ignored pixels keep the image."""
+    image = _to_numpy(image_uint8_3HW).transpose(1, 2, 0).astype(np.float32)
+    colours = colorize(label, palette).astype(np.float32)
+    blend = np.where((_to_numpy(label) != 255)[..., None], (1 - alpha) * image + alpha * colours, image)
+    return blend.round().clip(0, 255).astype(np.uint8)
+
+
+def save_png(path, array: np.ndarray) -> None:
+    """Write an H×W (grey / class indices) or H×W×3 uint8 array as PNG: to a temporary name in the
+    same folder, then renamed, so readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(panel)).save(f, format="PNG")
+            Image.fromarray(np.ascontiguousarray(array)).save(f, format="PNG")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
