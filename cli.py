@@ -373,6 +373,43 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], checkpoint: str, ou
     click.echo(f"predicted {len(written)} image(s) into {out}")
 
 
+@cli.command("export")
+@click.option("--checkpoint", type=click.Path(), required=True, help="Model checkpoint (skd's model.pt).")
+@click.option("--format", "fmt", type=click.Choice(["torchscript", "pt2", "onnx"]), default="torchscript",
+              help="torchscript (torch.jit), pt2 (torch.export) or onnx (needs onnx + onnxscript). [default: torchscript]")
+@click.option("--size", default="512x1024", help="Input HxW the model is exported (and checked) at. [default: 512x1024]")
+@click.option("--check-image", type=click.Path(), default=None,
+              help="Image to check the export on (resized to --size). [default: a synthetic street scene]")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="File to write.")
+def export_cmd(checkpoint: str, fmt: str, size: str, check_image: str | None, out: str) -> None:
+    """Export the student alone (logits from a normalised image; no discriminator, teacher or
+    training state) and check it against PyTorch on an image: max |difference| of the logits and
+    argmax agreement."""
+    from pipeline.data import build_dataset
+    from pipeline.data.io import read_image
+    from pipeline.data.transforms import normalize
+    import torch
+
+    from pipeline.export import check_export, export_model
+    from pipeline.train.checkpoint import model_from_checkpoint
+
+    hw = tuple(parse_hw(size))
+    model, arch = model_from_checkpoint(checkpoint)
+    path = export_model(model, fmt, hw, Path(out))
+    image = (read_image(check_image) if check_image else
+             build_dataset("synthetic", None, "val", size=list(hw), length=1)[0]["image"])
+    image = normalize(image[None])
+    if tuple(image.shape[-2:]) != hw:
+        image = torch.nn.functional.interpolate(image, size=hw, mode="bilinear", align_corners=False)
+    check = check_export(path, fmt, model, image)
+    click.echo(f"exported {arch['name']} x{arch.get('width', 1.0)} to {path} ({fmt}, input 1x3x{hw[0]}x{hw[1]})")
+    if check["checked"]:
+        click.echo(f"check against PyTorch on {check_image or 'a synthetic image'}: max |logit difference| "
+                   f"{check['max_abs_diff']:.2e}, argmax agreement {100 * check['argmax_agreement']:.3f} %")
+    else:
+        click.echo(f"not checked: {check['reason']}")
+
+
 @cli.command("profile")
 @click.option("--checkpoint", type=click.Path(), required=True, help="Model checkpoint (skd's model.pt or last.pt).")
 @click.option("--size", default="512x1024", help="Input HxW. [default: 512x1024]")
