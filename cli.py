@@ -294,6 +294,7 @@ def evaluate_cmd(ctx: click.Context, config_path: str | None, dataset: str | Non
     from pipeline.data import build_dataset
     from pipeline.evaluate import evaluate_cache, evaluate_model
     from pipeline.metrics import evaluation_report, format_table
+    from pipeline.profile import count_flops
     from pipeline.train.checkpoint import model_from_checkpoint
     from pipeline.device import resolve_device
 
@@ -310,7 +311,10 @@ def evaluate_cmd(ctx: click.Context, config_path: str | None, dataset: str | Non
         cm = evaluate_model(model, ds, resolve_device(device), scales=parse_floats(scales), flip=flip,
                             window=tuple(parse_hw(window)) if window else None,
                             progress=progress, save_dir=save_dir, save_images=save_images)
-        source = {"checkpoint": checkpoint, "arch": arch}
+        # The paper's tables put the model's cost next to its mIoU (single scale, the first image's size).
+        size = tuple(int(v) for v in ds.image_size(0))
+        source = {"checkpoint": checkpoint, "arch": arch, "parameters": sum(p.numel() for p in model.parameters()),
+                  "gflops_per_image": count_flops(model.cpu(), size) / 1e9, "flops_image_size": list(size)}
     else:
         cm = evaluate_cache(TeacherStore(cache), ds, progress=progress, save_dir=save_dir, save_images=save_images)
         source = {"cache": redact(cache)}
@@ -318,8 +322,10 @@ def evaluate_cmd(ctx: click.Context, config_path: str | None, dataset: str | Non
               "scales": parse_floats(scales), "flip": flip, "window": parse_hw(window), **evaluation_report(cm, ds.class_names)}
     rows = [{"class": c, "IoU": "n/a" if v is None else f"{100 * v:.2f}"} for c, v in report["per_class_iou"].items()]
     click.echo(format_table(rows, ["class", "IoU"]))
+    cost = (f"  {report['parameters'] / 1e6:.2f} M parameters, {report['gflops_per_image']:.1f} GFLOPs per "
+            f"{size[0]}x{size[1]} image" if checkpoint else "")
     click.echo(f"mIoU {100 * report['miou']:.2f}  pixel accuracy {100 * report['pixel_accuracy']:.2f}  "
-               f"({len(ds)} images, {cfg.data.dataset}/{split})")
+               f"({len(ds)} images, {cfg.data.dataset}/{split}){cost}")
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(report, indent=2))

@@ -13,6 +13,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 @torch.no_grad()
+def count_flops(model: nn.Module, size: tuple[int, int], device: torch.device | str = "cpu") -> int:
+    """FLOPs of one forward pass on a 1×3×``size`` image (FlopCounterMode: 2 per multiply-add)."""
+    with FlopCounterMode(display=False) as counter:
+        model.eval()(torch.zeros(1, 3, *size, device=device))
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
 def profile_model(model: nn.Module, size: tuple[int, int], device: torch.device, batch_sizes=(1, 8),
                   repeats: int = 10, warmup: int = 2) -> dict[str, Any]:
     """Parameters; GFLOPs of one image (torch's FlopCounterMode: 2 per multiply-add); per batch
@@ -20,10 +28,8 @@ def profile_model(model: nn.Module, size: tuple[int, int], device: torch.device,
     allocated tensors; CPU: the process's peak resident size, which includes everything loaded)."""
     model = model.to(device).eval()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, *size, device=device))
     report: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters()),
-                              "gflops_per_image": counter.get_total_flops() / 1e9, "size": list(size),
+                              "gflops_per_image": count_flops(model, size, device) / 1e9, "size": list(size),
                               "device": str(device), "batches": {}}
     for batch in batch_sizes:
         x = torch.zeros(batch, 3, *size, device=device)

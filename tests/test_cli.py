@@ -23,6 +23,7 @@ from PIL import Image
 import cli as skd
 from conftest import CAMVID, TINY_DATA
 from pipeline.cache.store import TeacherStore
+from pipeline.train.checkpoint import model_from_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC_CLASSES = ["sky", "road", "sidewalk", "building", "vegetation", "vehicle", "pole", "person"]
@@ -156,6 +157,10 @@ def test_pipeline_evaluates_the_student(pipeline_run):
     assert report["split"] == "val"
     table = pipeline_run["evaluate_student"]
     assert "mIoU" in table and all(name in table for name in SYNTHETIC_CLASSES)
+    # The model's cost next to its mIoU, as the paper's tables give it.
+    model, _ = model_from_checkpoint(report["checkpoint"])
+    assert report["parameters"] == sum(p.numel() for p in model.parameters())
+    assert report["gflops_per_image"] > 0 and "GFLOPs per" in table
 
 
 def test_cached_teacher_scores_like_the_live_teacher(pipeline_run):
