@@ -31,10 +31,6 @@ from pipeline.train.checkpoint import model_from_checkpoint  # noqa: E402
 from pipeline.device import resolve_device  # noqa: E402
 
 
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", required=True, help="a directory store")
@@ -82,15 +78,14 @@ def main() -> None:
             for node in ((1, 1), (2, 2), (max(1, fh // 4), max(1, fw // 4)), (max(1, fh // 2), max(1, fw // 2))):
                 want = pairwise_loss(student, exact, node).item()
                 pa_errors.setdefault(node, []).append(abs(pairwise_loss(student, decoded, node).item() - want) / want)
-    root = Path(args.cache)
     n = len(dataset)
     report = {
         "command": " ".join(sys.argv),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "device": str(device), "images": n, "codecs": store.attrs["codecs"],
         "format_version": store.version,
-        "logits_bytes_per_image": folder_bytes(root / store.level_arrays[1.0]) / n,
-        "features_bytes_per_image": folder_bytes(root / "features") / n if store.has_features else 0,
+        "logits_bytes_per_image": store.bytes_on_disk(store.level_arrays[1.0]) / n,
+        "features_bytes_per_image": store.bytes_on_disk("features") / n if store.has_features else 0,
         "raw_float32_logits_bytes_per_image": raw_logits / n,
         "raw_float32_features_bytes_per_image": raw_features / n,
         "mean_kl_T1": kl[1.0] / pixels, "mean_kl_T4": kl[4.0] / pixels, "argmax_agreement": agree / pixels,

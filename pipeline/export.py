@@ -35,21 +35,25 @@ def export_model(model: nn.Module, fmt: str, size: tuple[int, int], out: Path) -
     example = torch.zeros(1, 3, *size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    with torch.no_grad():
-        if fmt == "torchscript":
-            torch.jit.save(torch.jit.trace(wrapped, example), str(tmp))
-        elif fmt == "pt2":
-            torch.export.save(torch.export.export(wrapped, (example,)), str(tmp))
-        else:
-            try:
-                import onnx  # noqa: F401
-                import onnxscript  # noqa: F401
-            except ImportError:
-                raise SkdError("ONNX export needs the onnx and onnxscript packages (pip install onnx onnxscript; "
-                               "onnxruntime too, to check the result)") from None
-            torch.onnx.export(wrapped, (example,), str(tmp), input_names=["image"], output_names=["logits"],
-                              dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
-    tmp.replace(out)  # a half-written model never sits at the final path
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError:
+            raise SkdError("ONNX export needs the onnx and onnxscript packages (pip install onnx onnxscript; "
+                           "onnxruntime too, to check the result)") from None
+    try:
+        with torch.no_grad():
+            if fmt == "torchscript":
+                torch.jit.save(torch.jit.trace(wrapped, example), str(tmp))
+            elif fmt == "pt2":
+                torch.export.save(torch.export.export(wrapped, (example,)), str(tmp))
+            else:
+                torch.onnx.export(wrapped, (example,), str(tmp), input_names=["image"], output_names=["logits"],
+                                  dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
+        tmp.replace(out)  # a half-written model never sits at the final path
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -8,13 +8,12 @@ argmax, the mean top-class probability and a histogram of the per-pixel entropy.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import dask.array as da
 import numpy as np
 
-from pipeline.cache.store import TeacherStore, is_url, logit_size
+from pipeline.cache.store import TeacherStore, logit_size
 
 
 def extent_mask(store: TeacherStore, level: float = 1.0) -> np.ndarray:
@@ -29,11 +28,10 @@ def extent_mask(store: TeacherStore, level: float = 1.0) -> np.ndarray:
 
 def store_stats(store: TeacherStore, entropy_bins: int = 20) -> dict[str, Any]:
     """Statistics of ``store`` (see the module docstring) as a JSON-ready dict."""
-    root = Path(store.url) if not is_url(store.url) and not store.url.endswith(".zip") else None
     arrays = {}
     for name, array in sorted(store.group.arrays()):
         raw = math.prod(array.shape) * array.dtype.itemsize
-        on_disk = sum(f.stat().st_size for f in (root / name).rglob("*") if f.is_file()) if root else None
+        on_disk = store.bytes_on_disk(name)
         arrays[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "raw_bytes": raw,
                         "bytes_on_disk": on_disk, "ratio": on_disk / raw if on_disk and raw else None}
 

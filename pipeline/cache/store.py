@@ -311,8 +311,9 @@ class TeacherStore:
         return self._read("features", index, (index, slice(None), frows, fcols))
 
     def read_view(self, index: int, view: int, features: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """The teacher's (log-probabilities, features) on one stored view of image ``index``, float16
-        on the view's output grid (features pooled and scaled as stored; None with ``features=False``)."""
+        """The teacher's (log-probabilities, features) on one stored view of image ``index``, float32
+        on the view's output grid (features pooled and mapped onto [0, 1] as stored; None with
+        ``features=False``)."""
         log_probs = self._read("view_log_probs", index, (index, view))
         return log_probs, self._read("view_features", index, (index, view)) if features else None
 
@@ -325,6 +326,12 @@ class TeacherStore:
             raise SkdError(f"{redact(self.url)}: {name} of image {self.ids[index]!r} (#{index}) cannot be read "
                            f"({type(exc).__name__}: {exc}); the store is damaged: run skd cache-verify on it, "
                            "and re-create it with skd cache-teacher") from None
+
+    def bytes_on_disk(self, name: str) -> int | None:
+        """Bytes of array ``name``'s files (None for zip and URL stores, whose files are not on disk as such)."""
+        if is_url(self.url) or self.url.endswith(".zip"):
+            return None
+        return sum(f.stat().st_size for f in (Path(self.url) / name).rglob("*") if f.is_file())
 
     def nearest_level(self, scale: float) -> float:
         """The stored level closest to ``scale`` in ratio (log) terms."""
@@ -404,11 +411,14 @@ def pack_store(directory: Path, zip_path: Path) -> Path:
         raise SkdError(f"{directory} is not a Zarr store directory (no zarr.json)")
     zip_path = Path(zip_path)
     tmp = zip_path.with_name(zip_path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-        for file in sorted(Path(directory).rglob("*")):
-            if file.is_file():
-                zf.write(file, file.relative_to(directory).as_posix())
-    os.replace(tmp, zip_path)  # replaces an older zip atomically
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for file in sorted(Path(directory).rglob("*")):
+                if file.is_file():
+                    zf.write(file, file.relative_to(directory).as_posix())
+        os.replace(tmp, zip_path)  # replaces an older zip atomically
+    finally:
+        tmp.unlink(missing_ok=True)
     return zip_path
 
 
@@ -428,10 +438,9 @@ def recover_swap(final: Path) -> None:
 
 def array_table(store: TeacherStore) -> str:
     """One line per array: shape, dtype as read, chunks and shards, codecs, bytes on disk (local stores)."""
-    root = Path(store.url) if not is_url(store.url) and not store.url.endswith(".zip") else None
     lines = [f"{'array':20s} {'shape':24s} {'chunks':20s} {'shards':20s} {'on disk':>10s}  codecs"]
     for name, array in sorted(store.group.arrays()):
-        size = sum(f.stat().st_size for f in (root / name).rglob("*") if f.is_file()) if root else None
+        size = store.bytes_on_disk(name)
         codecs = ", ".join(type(c).__name__ for c in (*array.filters, *array.compressors))
         lines.append(f"{name:20s} {str(array.shape):24s} {str(array.chunks):20s} {str(array.shards or '-'):20s} "
                      f"{'-' if size is None else f'{size / 2**20:.2f} MiB':>10s}  {array.dtype} {codecs}")

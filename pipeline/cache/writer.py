@@ -239,7 +239,7 @@ def _write_shard(arrays: dict[str, zarr.Array], buffers: dict[str, np.ndarray], 
 
 
 class _BoundedWrites:
-    """Compression and writes in background threads, at most ``2 × threads`` images in flight so
+    """Compression and writes in background threads, at most ``2 × threads`` shards in flight so
     that memory stays bounded; the first failure is raised in the caller. Leaving the ``with``
     block waits for every write (also when the teacher loop failed, so what was computed is kept)."""
 
@@ -282,11 +282,12 @@ def _teacher_on_views(teacher: nn.Module, views: torch.Tensor, feature_pool: int
     pooled normalised features (B, K, F, hf, wf) and their scales and offsets (B, K)."""
     b, k = views.shape[:2]
     flat = views.flatten(0, 1)
-    log_probs, features = zip(*(predict(teacher, normalize(flat[i : i + batch_size].to(device, non_blocking=True)),
-                                        precision=precision)
-                                for i in range(0, len(flat), batch_size)))
-    features, scale, offset = _pooled_and_normalized(torch.cat(features), feature_pool)
-    return tuple(t.unflatten(0, (b, k)) for t in (torch.cat(log_probs), features, scale, offset))
+    chunks = []
+    for i in range(0, len(flat), batch_size):  # pooled chunk by chunk: full-resolution features never pile up
+        log_probs, features = predict(teacher, normalize(flat[i : i + batch_size].to(device, non_blocking=True)),
+                                      precision=precision)
+        chunks.append((log_probs, *_pooled_and_normalized(features, feature_pool)))
+    return tuple(torch.cat(parts).unflatten(0, (b, k)) for parts in zip(*chunks))
 
 
 def _check_finite(dataset, indices: list[int], outputs: dict[str, torch.Tensor]) -> None:

@@ -8,6 +8,7 @@ after that the code is the same.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.cache.replay import TrainingSamples, collate
 from pipeline.cache.store import TeacherStore, redact
+from pipeline.cache.views import spec_augment
 from pipeline.config import Config
 from pipeline.data import build_dataset
 from pipeline.data.transforms import IGNORE_INDEX, normalize
@@ -195,11 +197,12 @@ class Trainer:
 
     def _check_views(self) -> None:
         """A bank of views fixes the training augmentation: refuse a run that asks for another."""
-        data, bank = self.cfg.data, self.store.views
-        wanted = {"crop_size": list(data.crop_size) if data.crop_size else None,
-                  "scale_range": [float(v) for v in data.scale_range], "flip": bool(data.flip),
-                  "color_jitter": float(data.color_jitter)}
-        differ = [f"{key} {bank[key]} (this run: {value})" for key, value in wanted.items() if bank[key] != value]
+        bank, stored, wanted = self.store.views, spec_augment(self.store.views), self.cfg.data.augment()
+        def shown(value):  # as the config and the command line write it
+            return list(value) if isinstance(value, tuple) else value
+
+        differ = [f"{f.name} {shown(getattr(stored, f.name))} (this run: {shown(getattr(wanted, f.name))})"
+                  for f in dataclasses.fields(stored) if getattr(stored, f.name) != getattr(wanted, f.name)]
         if differ:
             raise SkdError(
                 f"{redact(self.cfg.distill.cache)} holds {bank['count']} training views per image drawn with "
