@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +75,10 @@ def train_options(f):
         click.option("--budget-minutes", type=float, default=None,
                      help="Train for this many minutes of wall-clock time instead of --iterations; the poly "
                           "schedule and the distillation warm-up run over the budget (compare methods at equal cost)."),
-        click.option("--batch-size", type=int, default=None, help="[default: 8]"),
+        click.option("--batch-size", type=int, default=None,
+                     help="Global batch: under torchrun each of N processes takes batch-size / N. [default: 8]"),
+        click.option("--sync-bn/--no-sync-bn", default=None,
+                     help="Under torchrun: BatchNorm statistics over the global batch. [default: on with 2+ processes]"),
         click.option("--lr", type=float, default=None, help="SGD learning rate, poly decay. [default: 0.01]"),
         click.option("--crop-size", default=None, help="Random crop HxW, e.g. 512x512. [default: whole images]"),
         click.option("--scale-range", default=None, help="Random scale range LOW,HIGH, e.g. 0.5,2.0. [default: 1,1]"),
@@ -88,6 +93,23 @@ def train_options(f):
     return f
 
 
+@contextlib.contextmanager
+def distributed_run(ctx: click.Context, device: str) -> Iterator[bool]:
+    """Under torchrun, join the process group (NCCL on GPUs, gloo on the CPU) for the command's
+    duration; yields whether this process is rank 0 (the only one that logs and prints)."""
+    from pipeline.device import resolve_device
+    from pipeline.train import distributed
+
+    world = distributed.init(resolve_device(device).type)
+    if not world.main:
+        logging.getLogger().setLevel(logging.WARNING)
+        ctx.obj["progress"] = False
+    try:
+        yield world.main
+    finally:
+        distributed.shutdown()
+
+
 def build_config(config_path: str | None, **sections: dict[str, Any]) -> Config:
     cfg = load_config(config_path)
     return merge(cfg, sections)
@@ -98,7 +120,7 @@ def common_train_updates(kw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "data": {"dataset": kw["dataset"], "root": kw["data_root"], "crop_size": parse_hw(kw["crop_size"]),
                  "scale_range": parse_floats(kw["scale_range"]), "flip": kw["flip"], "workers": kw["workers"]},
         "model": {"name": kw["model"], "width": kw["width"], "pretrained_backbone": kw["pretrained_backbone"]},
-        "train": {"iterations": kw["iterations"], "budget_minutes": kw["budget_minutes"], "batch_size": kw["batch_size"], "lr": kw["lr"], "seed": kw["seed"],
+        "train": {"iterations": kw["iterations"], "budget_minutes": kw["budget_minutes"], "batch_size": kw["batch_size"], "lr": kw["lr"], "seed": kw["seed"], "sync_bn": kw["sync_bn"],
                   "device": kw["device"], "out": kw["out"]},
     }
 
@@ -137,8 +159,10 @@ def train_teacher(ctx: click.Context, config_path: str | None, resume: bool, **k
     updates["train"]["out"] = kw["out"] or "runs/teacher"
     cfg = build_config(config_path, **updates)
     cfg.distill.losses = []
-    path = train(cfg, resume=resume, progress=ctx.obj["progress"])
-    click.echo(f"model written to {path}")
+    with distributed_run(ctx, cfg.train.device) as main:
+        path = train(cfg, resume=resume, progress=ctx.obj["progress"])
+    if main:
+        click.echo(f"model written to {path}")
 
 
 @cli.command("train-student")
@@ -187,8 +211,10 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
     cfg = build_config(config_path, **updates)
     if (cfg.distill.losses or cfg.distill.pseudo_labels) and not cfg.distill.teacher and not cfg.distill.cache:
         cfg.distill.cache = default_cache(cfg.data.dataset, cfg.data.train_split)
-    path = train(cfg, resume=resume, progress=ctx.obj["progress"])
-    click.echo(f"model written to {path}")
+    with distributed_run(ctx, cfg.train.device) as main:
+        path = train(cfg, resume=resume, progress=ctx.obj["progress"])
+    if main:
+        click.echo(f"model written to {path}")
 
 
 @cli.command("cache-teacher")
@@ -262,12 +288,15 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
     info = {**arch, "checkpoint": Path(teacher).name, "weights_sha256": file_sha256(teacher)}
     out = cache or default_cache(cfg.data.dataset, split)
     c = cfg.cache
-    path = cache_teacher(model, info, ds, out, batch_size=c.batch_size, device=resolve_device(cfg.train.device),
-                         feature_pool=c.feature_pool, scales=c.teacher_scales, flip=c.teacher_flip,
-                         window=tuple(c.teacher_window) if c.teacher_window else None, levels=c.levels,
-                         views=view_spec(cfg.data.augment(), c.views) if c.views else None, precision=c.precision, features=c.features,
-                         workers=cfg.data.workers, overwrite=overwrite, progress=ctx.obj["progress"])
-    click.echo(f"teacher cache written to {path}")
+    with distributed_run(ctx, cfg.train.device) as main:
+        path = cache_teacher(model, info, ds, out, batch_size=c.batch_size, device=resolve_device(cfg.train.device),
+                             feature_pool=c.feature_pool, scales=c.teacher_scales, flip=c.teacher_flip,
+                             window=tuple(c.teacher_window) if c.teacher_window else None, levels=c.levels,
+                             views=view_spec(cfg.data.augment(), c.views) if c.views else None, precision=c.precision,
+                             features=c.features, workers=cfg.data.workers, overwrite=overwrite,
+                             progress=ctx.obj["progress"])
+    if main:
+        click.echo(f"teacher cache written to {path}")
 
 
 @cli.command("evaluate")

@@ -45,6 +45,7 @@ class ModelConfig:
     name: str = "pspnet_resnet18"
     width: float = 1.0
     pretrained_backbone: str | None = None  # torchvision ImageNet checkpoint for the backbone
+    dropout: float = 0.1  # Dropout2d before the main and auxiliary classifiers (the reference's 0.1)
 
 
 @dataclass
@@ -100,6 +101,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
+    # Under torchrun: BatchNorm statistics over the global batch (the paper's recipes assume large
+    # batches). None = on with several processes.
+    sync_bn: bool | None = None
     log_every: int = 20
     log_grad_norms: bool = True  # on logged steps: each loss term's gradient norm on the PSP features
     checkpoint_every: int = 500

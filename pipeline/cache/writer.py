@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import zarr
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import pipeline
@@ -28,6 +28,7 @@ from pipeline.device import set_cpu_threads
 from pipeline.cache.views import VIEW_ARRAYS, crop_params, draw_views
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, apply_jitter, apply_params, normalize
 from pipeline.errors import SkdError
+from pipeline.train import distributed
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +103,90 @@ def cache_teacher(
 
     Resumes a previous interrupted run of the same teacher on the same data (``<out>.partial``);
     refuses to mix outputs of a different teacher, dataset or setting into it.
+
+    Under torchrun, rank 0 creates (or checks) the store, each rank runs the teacher on its own share
+    of the shards not yet done and writes only those, and rank 0 finalises once all are written. The
+    store is the one a single process writes (batches never cross a shard), at any world size.
     """
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
+    world = distributed.current()
+    # Rank 0 alone touches the store's layout; the others learn its outcome (or its error) from it.
+    setup_error, todo = None, None
+    if world.main:
+        try:
+            todo = _open_or_create(teacher, teacher_info, dataset, out, partial, feature_pool, scales, flip, window,
+                                   levels, views, precision, features, shard_images, overwrite)
+        except Exception as exc:
+            setup_error = exc
+    shared = distributed.broadcast_object(None if setup_error is None else str(setup_error) or type(setup_error).__name__)
+    if setup_error is not None:
+        raise setup_error
+    if shared is not None:
+        raise SkdError(f"rank 0 stopped: {shared}")
+    todo = distributed.broadcast_object(todo)
+    group = zarr.open_group(str(partial), mode="r+")
+    n = len(dataset)
+    mine = todo[world.rank :: world.size]  # shards not yet done, dealt out over the ranks
+    pending = [i for a, b in mine for i in range(a, b)]
+    image_hw = group["image_hw"][:]
+    fixed_size = bool((image_hw == image_hw[0]).all())
+    step = batch_size if fixed_size else 1
+    # Batches never cross a shard, so that an image's batch (and so its numbers) is the same
+    # whatever the number of processes.
+    batches = [list(range(i, min(i + step, b))) for a, b in mine for i in range(a, b, step)]
+    loader = DataLoader(_Indexed(dataset, views), batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+                        pin_memory=torch.device(device).type == "cuda")
+    set_cpu_threads(torch.device(device), workers)
+    teacher = teacher.to(device).eval()
+    levels = group.attrs["preprocessing"]["levels"]
+    names = [level_array(level) for level in levels] + (["features", "feature_scale", "feature_offset"] if features else [])
+    if views:
+        names += [name for name in VIEW_ARRAYS if features or not name.startswith("view_feature")]
+    writes = _BoundedWrites(write_threads)
+    shards = _ShardBuffers(group, names, int(group.attrs["shard_images"]), n, writes)
+    desc = "cache-teacher" + (f" (rank 0 of {world.size})" if world.size > 1 else "")
+    with tqdm(total=len(pending), desc=desc, unit="img", disable=not progress) as bar, writes:
+        for batch in loader:
+            images = normalize(batch["image"].to(device, non_blocking=True))
+            outputs = {}
+            for level in levels:
+                log_probs, level_features = predict(teacher, resize(images, level), scales=scales, flip=flip,
+                                                    window=window, precision=precision)
+                outputs[level_array(level)] = _storable_log_probs(log_probs)
+                if level == 1.0 and features:
+                    outputs["features"], outputs["feature_scale"], outputs["feature_offset"] = \
+                        _pooled_and_normalized(level_features, feature_pool)
+            if views:
+                view_log_probs, view_features, view_scale, view_offset = _teacher_on_views(
+                    teacher, batch["views"], feature_pool, batch_size, device, precision)
+                outputs |= {"view_log_probs": _storable_log_probs(view_log_probs), "view_crops": batch["view_crops"],
+                            "view_jitter": batch["view_jitter"]}
+                if features:
+                    outputs |= {"view_features": view_features, "view_feature_scale": view_scale,
+                                "view_feature_offset": view_offset}
+            indices = batch["index"].tolist()
+            _check_finite(dataset, indices, outputs)
+            outputs = {name: t.cpu().numpy() for name, t in outputs.items()}
+            for k, index in enumerate(indices):
+                extent = {level_array(level): logit_size(image_hw[index], level) for level in levels}
+                extent["features"] = feature_size(image_hw[index], feature_pool)
+                shards.put(index, {name: _cut(values[k], extent.get(name)) for name, values in outputs.items()})
+            bar.update(len(indices))
+    distributed.barrier()  # every rank's shards are on disk
+    if world.main:
+        finalize(partial, out)
+        log.info("wrote %s", out)
+    distributed.barrier()  # no rank returns before the store is in place
+    return out
+
+
+def _open_or_create(teacher: nn.Module, teacher_info: dict[str, Any], dataset, out: Path, partial: Path,
+                    feature_pool: int, scales: Sequence[float], flip: bool, window: tuple[int, int] | None,
+                    levels: Sequence[float], views: dict | None, precision: str, features: bool, shard_images: int,
+                    overwrite: bool) -> list[tuple[int, int]]:
+    """Check ``out``, then create ``partial`` or check that it resumes; returns the shards (start,
+    stop) not yet done."""
     recover_swap(out)
     if out.exists() and not overwrite:
         raise SkdError(f"{out} already exists: pass --overwrite to replace it")
@@ -135,59 +217,13 @@ def cache_teacher(
         group = create_store(partial, provenance, image_hw, teacher_info["num_classes"],
                              teacher.feature_channels, feature_pool, levels, features=features,
                              shard_images=shard_images)
-
     n = len(dataset)
     shard = int(group.attrs["shard_images"])
     done = group["done"][:]
-    # Whole shards are the unit of work: a shard is written once, with all its images, then flagged.
-    todo = [(a, min(a + shard, n)) for a in range(0, n, shard) if not done[a : a + shard].all()]
-    pending = [i for a, b in todo for i in range(a, b)]
     if done.any():
         log.info("resuming %s: %d of %d images already cached", partial, int(done.sum()), n)
-    image_hw = group["image_hw"][:]
-    fixed_size = bool((image_hw == image_hw[0]).all())
-    loader = DataLoader(
-        Subset(_Indexed(dataset, views), pending), batch_size=batch_size if fixed_size else 1, num_workers=workers,
-        collate_fn=_collate, pin_memory=torch.device(device).type == "cuda",
-    )
-    set_cpu_threads(torch.device(device), workers)
-    teacher = teacher.to(device).eval()
-    levels = provenance["preprocessing"]["levels"]
-    names = [level_array(level) for level in levels] + (["features", "feature_scale", "feature_offset"] if features else [])
-    if views:
-        names += [name for name in VIEW_ARRAYS if features or not name.startswith("view_feature")]
-    writes = _BoundedWrites(write_threads)
-    shards = _ShardBuffers(group, names, shard, n, writes)
-    with tqdm(total=n, initial=n - len(pending), desc="cache-teacher", unit="img", disable=not progress) as bar, writes:
-        for batch in loader:
-            images = normalize(batch["image"].to(device, non_blocking=True))
-            outputs = {}
-            for level in levels:
-                log_probs, level_features = predict(teacher, resize(images, level), scales=scales, flip=flip,
-                                                    window=window, precision=precision)
-                outputs[level_array(level)] = _storable_log_probs(log_probs)
-                if level == 1.0 and features:
-                    outputs["features"], outputs["feature_scale"], outputs["feature_offset"] = \
-                        _pooled_and_normalized(level_features, feature_pool)
-            if views:
-                view_log_probs, view_features, view_scale, view_offset = _teacher_on_views(
-                    teacher, batch["views"], feature_pool, batch_size, device, precision)
-                outputs |= {"view_log_probs": _storable_log_probs(view_log_probs), "view_crops": batch["view_crops"],
-                            "view_jitter": batch["view_jitter"]}
-                if features:
-                    outputs |= {"view_features": view_features, "view_feature_scale": view_scale,
-                                "view_feature_offset": view_offset}
-            indices = batch["index"].tolist()
-            _check_finite(dataset, indices, outputs)
-            outputs = {name: t.cpu().numpy() for name, t in outputs.items()}
-            for k, index in enumerate(indices):
-                extent = {level_array(level): logit_size(image_hw[index], level) for level in levels}
-                extent["features"] = feature_size(image_hw[index], feature_pool)
-                shards.put(index, {name: _cut(values[k], extent.get(name)) for name, values in outputs.items()})
-            bar.update(len(indices))
-    finalize(partial, out)
-    log.info("wrote %s", out)
-    return out
+    # Whole shards are the unit of work: a shard is written once, with all its images, then flagged.
+    return [(a, min(a + shard, n)) for a in range(0, n, shard) if not done[a : a + shard].all()]
 
 
 def _storable_log_probs(log_probs: torch.Tensor) -> torch.Tensor:

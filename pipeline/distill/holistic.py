@@ -28,6 +28,7 @@ from torch import Tensor
 from pipeline.config import DistillConfig
 from pipeline.distill.losses import discriminator_loss, generator_loss, gradient_penalty
 from pipeline.models.discriminator import Discriminator
+from pipeline.train.distributed import average_gradients, broadcast_module, current
 from pipeline.train.schedule import Progress, poly_schedule
 
 
@@ -60,6 +61,7 @@ class HolisticTerm:
         self.lambda_gp = cfg.lambda_gp
         self.kind = cfg.d_loss
         self.discriminator = Discriminator(num_classes, conditioning=cfg.d_conditioning).to(device)
+        broadcast_module(self.discriminator)  # under torchrun, every rank's D starts as rank 0's
         params = self.discriminator.parameters()
         if cfg.d_optimizer == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.d_lr, momentum=0.9)
@@ -132,10 +134,16 @@ class HolisticTerm:
         if self.kind == "wgan":
             # The critic is scored on interpolated maps with the image held fixed; the gradient
             # (and so the penalty) is taken w.r.t. the maps only.
-            gp = gradient_penalty(self.discriminator.score_maps, real, fake, condition)
+            # α for the global batch, this rank's slice of it: the same draws as one process.
+            world, b = current(), real.shape[0]
+            alpha = torch.rand(b * world.size, device=real.device)[world.rank * b : (world.rank + 1) * b]
+            gp = gradient_penalty(self.discriminator.score_maps, real, fake, condition, alpha)
             losses["d_gp"] = self.lambda_ho * self.lambda_gp * gp
         self.optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
+        # Under torchrun each rank scores its own samples; D's update is the mean over ranks (every
+        # rank starts from the same seeded D and so stays in step).
+        average_gradients(self.discriminator.parameters())
         self.optimizer.step()
         self.scheduler.step()
         return {name: value.detach() for name, value in losses.items()}

@@ -318,18 +318,21 @@ def generator_loss(d_fake: Tensor, kind: str = "wgan") -> Tensor:
     return -d_fake.mean()
 
 
-def gradient_penalty(discriminator, real: Tensor, fake: Tensor, image: Tensor | None = None) -> Tensor:
+def gradient_penalty(discriminator, real: Tensor, fake: Tensor, image: Tensor | None = None,
+                     alpha: Tensor | None = None) -> Tensor:
     """WGAN-GP penalty: mean over the batch of (‖∇_x D(x)‖₂ − 1)² at random interpolates x.
 
-    x = α·real + (1 − α)·fake with α ~ U(0, 1) per sample; real and fake are detached, so only
-    the discriminator receives gradients (the graph is kept, create_graph=True). When ``image`` is
-    given it is the condition: ``discriminator(x, image)``, and the gradient is taken w.r.t. x only.
-    The caller multiplies by λ_gp (10 in the paper).
+    x = α·real + (1 − α)·fake with α ~ U(0, 1) per sample (drawn here unless ``alpha``, B values,
+    is given); real and fake are detached, so only the discriminator receives gradients (the graph
+    is kept, create_graph=True). When ``image`` is given it is the condition: ``discriminator(x,
+    image)``, and the gradient is taken w.r.t. x only. The caller multiplies by λ_gp (10 in the paper).
     """
     if real.shape != fake.shape:
         raise ValueError(f"real and fake must have the same shape, got {tuple(real.shape)} and {tuple(fake.shape)}")
     alpha_shape = (real.shape[0],) + (1,) * (real.dim() - 1)
-    alpha = torch.rand(alpha_shape, dtype=real.dtype, device=real.device)
+    if alpha is None:
+        alpha = torch.rand(alpha_shape, dtype=real.dtype, device=real.device)
+    alpha = alpha.reshape(alpha_shape).to(real.dtype)
     interp = (alpha * real.detach() + (1.0 - alpha) * fake.detach()).requires_grad_(True)
     scores = discriminator(interp) if image is None else discriminator(interp, image)
     (grads,) = torch.autograd.grad(scores.sum(), interp, create_graph=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from pipeline.cache.replay import TrainingSamples, collate
@@ -34,6 +35,7 @@ from pipeline.distill.targets import CachedTargets, OnlineTargets
 from pipeline.errors import SkdError
 from pipeline.inference import OUTPUT_STRIDE, output_size
 from pipeline.models import build_model
+from pipeline.train import distributed
 from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from pipeline.train.schedule import Progress, poly_schedule
 
@@ -43,10 +45,15 @@ log = logging.getLogger(__name__)
 class EpochBatches(torch.utils.data.Sampler):
     """Endless batches of (epoch, index) pairs: each epoch a seeded permutation of the ``n`` samples,
     starting ``start`` batches in (so a resumed run sees the same data as an uninterrupted one).
-    The epoch travels with each index, so one loader (and its workers) serves the whole run."""
+    The epoch travels with each index, so one loader (and its workers) serves the whole run.
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0):
+    With several processes, ``batch_size`` is the global batch and each rank takes its slice of it:
+    together they see what one process would, at any world size.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
         self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         per_epoch = self.n // self.batch_size
@@ -54,17 +61,26 @@ class EpochBatches(torch.utils.data.Sampler):
         while True:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch)).tolist()
             for b in range(first, per_epoch):
-                yield [(epoch, i) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+                batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+                share = self.batch_size // self.world_size
+                yield [(epoch, i) for i in batch[self.rank * share : (self.rank + 1) * share]]
             epoch, first = epoch + 1, 0
 
 
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
         self.cfg = cfg
-        self.show_progress = progress
+        # Under torchrun: one process per GPU (or CPU worker); rank 0 alone writes logs and checkpoints.
+        self.world = distributed.current()
+        self.show_progress = progress and self.world.main
         self.device = resolve_device(cfg.train.device)
+        if self.device.type == "cuda" and self.world.distributed:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # the rank's own GPU
         set_cpu_threads(self.device, cfg.data.workers)
         self.out = Path(cfg.train.out)
+        if cfg.train.batch_size % self.world.size:
+            raise SkdError(f"batch size {cfg.train.batch_size} does not split over {self.world.size} processes: "
+                           f"--batch-size is the global batch; use a multiple of {self.world.size}")
 
         data = cfg.data
         self.dataset = build_dataset(data.dataset, data.root, data.train_split, **data.options)
@@ -113,11 +129,20 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.student = build_model(cfg.model.name, self.dataset.num_classes, width=cfg.model.width,
                                    pretrained_backbone=cfg.model.pretrained_backbone).to(self.device)
+        for module in self.student.modules():
+            if isinstance(module, torch.nn.Dropout2d):
+                module.p = cfg.model.dropout
+        t = cfg.train
+        sync_bn = t.sync_bn if t.sync_bn is not None else self.world.size > 1
+        if sync_bn and self.world.size > 1:  # statistics of the global batch, as one process would have
+            self.student = distributed.sync_batchnorm(self.student)
         # Feature distillation: a 1x1 conv from the student's PSP features to the teacher's channels,
         # trained with the student (and kept out of model.pt: deployment needs the student alone).
         self.adapter = (torch.nn.Conv2d(self.student.feature_channels, teacher_channels, 1).to(self.device)
                         if "fd" in terms else None)
-        t = cfg.train
+        # What the step calls: the modules themselves, or their DDP wrappers (gradients averaged over
+        # ranks); checkpoints always hold the plain modules.
+        self.model, self.adapt = self._replicated(self.student), self._replicated(self.adapter)
         params = [*self.student.parameters(), *(self.adapter.parameters() if self.adapter is not None else [])]
         self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         # Progress by iterations, or by training seconds against --budget-minutes.
@@ -132,6 +157,14 @@ class Trainer:
             self._resume()
         elif (self.out / "last.pt").exists():
             raise SkdError(f"{self.out} already holds a training run: pass --resume to continue it or choose another --out")
+
+    def _replicated(self, module: torch.nn.Module | None) -> torch.nn.Module | None:
+        if module is None or not self.world.distributed:
+            return module
+        # An auxiliary head that no loss uses (aux_weight 0) gets no gradient: DDP must be told.
+        unused = module is self.student and self.cfg.train.aux_weight == 0
+        return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                       find_unused_parameters=unused)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def arch(self) -> dict:
@@ -177,7 +210,8 @@ class Trainer:
         log.info("resumed %s at iteration %d", path, self.iteration)
 
     def save(self) -> None:
-        save_checkpoint(self.out / "last.pt", self.state())
+        if self.world.main:
+            save_checkpoint(self.out / "last.pt", self.state())
 
     # -- data ----------------------------------------------------------------------------------
     def batches(self) -> Iterator[dict]:
@@ -185,7 +219,8 @@ class Trainer:
         samples = TrainingSamples(self.dataset, data.augment(), self.store, seed=t.seed, features=bool(self.terms & {"pa", "fd"}),
                                   views=self.use_views)
         loader = DataLoader(
-            samples, batch_sampler=EpochBatches(len(samples), t.batch_size, t.seed, self.iteration),
+            samples, batch_sampler=EpochBatches(len(samples), t.batch_size, t.seed, self.iteration, self.world.rank,
+                                                self.world.size),
             num_workers=data.workers, collate_fn=collate, pin_memory=data.pin_memory and self.device.type == "cuda",
             prefetch_factor=data.prefetch_factor if data.workers > 0 else None,
             # Its own generator: a loader drawing its worker seed from the global RNG would shift
@@ -242,7 +277,7 @@ class Trainer:
             images = normalize(batch["image"])
             self.student.train()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-                out = self.student(images)
+                out = self.model(images)
             out_hw = tuple(out.logits.shape[-2:])
             logits = out.logits.float()
         label = batch["label"]
@@ -265,7 +300,7 @@ class Trainer:
             if "ho" in self.terms:
                 losses["ho"] = weight * self.holistic.generator_loss(logits, t_logits, images, valid)
             if "fd" in self.terms:
-                adapted = self.adapter(out.features.float())
+                adapted = self.adapt(out.features.float())
                 losses["fd"] = weight * d.lambda_fd * feature_loss(adapted, t_features, valid, d.fd_normalize)
         if grad_norms:
             losses |= {f"grad_{name}": _grad_norm(loss, out.features) for name, loss in list(losses.items())}
@@ -290,8 +325,10 @@ class Trainer:
         return kd_weight(self.iteration, round(warmup * self.cfg.train.iterations))
 
     def _checked_values(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
-        """The loss values as floats (one device sync for all of them); a NaN/inf stops the run."""
-        values = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).tolist()))
+        """The loss values as floats, averaged over ranks (one device sync for all of them); a NaN/inf
+        stops the run (on every rank: they all see the same values)."""
+        stacked = distributed.all_mean(torch.stack([v.detach().float() for v in losses.values()]))
+        values = dict(zip(losses, stacked.tolist()))
         for name, value in values.items():
             if not math.isfinite(value):
                 last = self.out / "last.pt"
@@ -309,9 +346,11 @@ class Trainer:
 
     def fit(self) -> Path:
         t = self.cfg.train
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
-        log_file = open(self.out / "log.jsonl", "a")
+        main = self.world.main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        log_file = open(self.out / "log.jsonl", "a") if main else None
         from tqdm import tqdm
 
         budget = self.progress.budget_s
@@ -330,6 +369,8 @@ class Trainer:
                 now = time.perf_counter()
                 window.append(now - tic)
                 self.progress.elapsed_s += now - last  # data loading and checkpoints count against a budget
+                if budget and self.world.size > 1:  # every rank stops at the same step: the slowest one's time
+                    self.progress.elapsed_s = distributed.all_max(self.progress.elapsed_s, self.device)
                 last = now
                 bar.update(1)
                 done = self.finished()
@@ -337,20 +378,24 @@ class Trainer:
                     record |= {"iteration": self.iteration, "lr": self.scheduler.get_last_lr()[0],
                                "step_s": sum(window) / len(window), "elapsed_s": self.progress.elapsed_s}
                     window = []
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
+                    if main:
+                        log_file.write(json.dumps(record) + "\n")
+                        log_file.flush()
                     bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
                                      if k not in ("iteration", "lr", "step_s", "elapsed_s") and not k.startswith("grad_")})
-                    if not self.show_progress:
+                    if not self.show_progress and main:
                         log.info("it %d/%s  %s", self.iteration, "-" if budget else t.iterations,
                                  "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "iteration"))
                 if self.iteration % t.checkpoint_every == 0 or done:
                     self.save()
         finally:
             bar.close()
-            log_file.close()
+            if log_file is not None:
+                log_file.close()
         final = self.out / "model.pt"
-        save_checkpoint(final, {"arch": self.arch(), "model": self.student.state_dict()})
+        if main:
+            save_checkpoint(final, {"arch": self.arch(), "model": self.student.state_dict()})
+        distributed.barrier()  # no rank returns before model.pt exists
         log.info("trained %s in %.0f s -> %s", self.cfg.model.name, time.perf_counter() - started, final)
         return final
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One short GPU call (~4 minutes on an H100/H200) for what only a GPU can show:
+#   1. torchrun --nproc_per_node 1: the NCCL process group, the DDP student and the rank logic of
+#      cache-teacher start and finish (train-teacher, cache-teacher, train-student pi,pa,ho);
+#   2. step time at Cityscapes scale (R18 x1.0 student, 512x512 crops of 1024x2048 images, batch 8,
+#      bf16 student, R101 teacher): student only vs cached vs online pi,pa,ho, and a profiler table;
+#   3. cache-writing throughput at 1024x2048, teacher alone vs cache-teacher, fp32 and bf16.
+#
+#   bench/gpu_check.sh RESULTS
+# On a GPU machine prepared with ../shared/device/prepare.sh:
+#   source .device/activate.sh && bench/gpu_check.sh "$OUT"
+# A CPU dry run of the same script (minutes, numbers meaningless):
+#   DEVICE=cpu SIZE=64x96 CROP=48x48 TEACHER=pspnet_resnet18 WIDTH=0.25 PYTHON=.venv/bin/python bench/gpu_check.sh /tmp/check
+# Results: RESULTS/status.log (each step's exit code and seconds), *.json, *.log, step_profile_gpu.txt
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=${1:?usage: bench/gpu_check.sh RESULTS}
+mkdir -p "$RESULTS"
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda} SIZE=${SIZE:-1024x2048} CROP=${CROP:-512x512} TEACHER=${TEACHER:-pspnet_resnet101} WIDTH=${WIDTH:-1}
+WORK=$(mktemp -d)
+step() {  # step NAME SECONDS COMMAND...: run under a time limit, log its output and status
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  timeout "$limit" "$@" > "$RESULTS/$name.log" 2>&1
+  echo "$name: exit $? after $((SECONDS - start)) s" >> "$RESULTS/status.log"
+}
+TORCHRUN=($PY -m torch.distributed.run --nproc_per_node 1 -m cli -q)
+step torchrun_teacher 90 "${TORCHRUN[@]}" train-teacher --dataset synthetic --width 0.25 --iterations 20 --batch-size 4 \
+  --device "$DEVICE" --out "$WORK/teacher"
+step torchrun_cache 90 "${TORCHRUN[@]}" cache-teacher --dataset synthetic --teacher "$WORK/teacher/model.pt" \
+  --feature-pool 1 --device "$DEVICE" --cache "$WORK/synthetic.zarr"
+step torchrun_student 90 "${TORCHRUN[@]}" train-student --dataset synthetic --cache "$WORK/synthetic.zarr" --losses pi,pa,ho \
+  --width 0.25 --iterations 20 --batch-size 4 --device "$DEVICE" --out "$WORK/student"
+step step_time 150 $PY bench/step_time.py --size "$SIZE" --crop "$CROP" --student-width "$WIDTH" --teacher-arch "$TEACHER" \
+  --teacher-width "$WIDTH" --workers 12 --device "$DEVICE" --warmup 3 --iterations 12 --losses pi,pa,ho \
+  --profile "$RESULTS/step_profile_gpu.txt" --output "$RESULTS/step_time_gpu.json"
+for precision in fp32 bf16; do
+  step "cache_throughput_$precision" 60 $PY bench/cache_throughput.py --size "$SIZE" --teacher-arch "$TEACHER" \
+    --teacher-width "$WIDTH" --images 32 --repeats 1 --batch-size 4 --workers 12 --device "$DEVICE" \
+    --precision $precision --output "$RESULTS/cache_throughput_$precision.json"
+done
+rm -rf "$WORK"
