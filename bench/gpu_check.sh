@@ -11,7 +11,9 @@
 #   source .device/activate.sh && bench/gpu_check.sh "$OUT"
 # A CPU dry run of the same script (minutes, numbers meaningless):
 #   DEVICE=cpu SIZE=64x96 CROP=48x48 TEACHER=pspnet_resnet18 WIDTH=0.25 PYTHON=.venv/bin/python bench/gpu_check.sh /tmp/check
-# Results: RESULTS/status.log (each step's exit code and seconds), *.json, *.log, step_profile_gpu.txt
+# Results (six files, so that a caller's own one or two still fit a limit of eight): status.log (each
+# step's exit code and seconds), log.txt (every step's output), step_time_gpu.json,
+# step_profile_gpu.txt, cache_throughput_{fp32,bf16}.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:?usage: bench/gpu_check.sh RESULTS}
@@ -22,8 +24,9 @@ WORK=$(mktemp -d)
 step() {  # step NAME SECONDS COMMAND...: run under a time limit, log its output and status
   local name=$1 limit=$2 start=$SECONDS
   shift 2
-  timeout "$limit" "$@" > "$RESULTS/$name.log" 2>&1
-  echo "$name: exit $? after $((SECONDS - start)) s" >> "$RESULTS/status.log"
+  echo "=== $name: $*" >> "$RESULTS/log.txt"
+  timeout "$limit" "$@" >> "$RESULTS/log.txt" 2>&1
+  echo "$name: exit $? after $((SECONDS - start)) s" | tee -a "$RESULTS/log.txt" >> "$RESULTS/status.log"
 }
 TORCHRUN=($PY -m torch.distributed.run --nproc_per_node 1 -m cli -q)
 step torchrun_teacher 90 "${TORCHRUN[@]}" train-teacher --dataset synthetic --width 0.25 --iterations 20 --batch-size 4 \
