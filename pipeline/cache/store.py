@@ -42,6 +42,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, Delta, FixedScaleOffset, ZstdCodec
 
 from pipeline.errors import SkdError
+from pipeline.faults import fault_point
 from pipeline.inference import OUTPUT_STRIDE, output_size, scaled_size
 
 FORMAT = "skd-teacher-cache"
@@ -93,6 +94,12 @@ def redact(url: str) -> str:
     """A store URL fit for logs: user, password and query string (tokens) removed."""
     url = re.sub(r"//[^/@]*@", "//", str(url))
     return url.split("?", 1)[0]
+
+
+def scrub(text: str) -> str:
+    """Free text (an exception's message) with every URL's user, password and query string removed."""
+    text = re.sub(r"//[^/@\s'\"]*@", "//", str(text))
+    return re.sub(r"(://[^\s'\"?]*)\?[^\s'\"]*", r"\1", text)
 
 
 def is_url(url: str) -> bool:
@@ -376,7 +383,7 @@ def _open_group(url: str, storage_options: dict | None) -> zarr.Group:
     except SkdError:
         raise
     except Exception as exc:  # zarr/fsspec raise many types; the user needs the store and the reason
-        raise SkdError(f"cannot open teacher cache {redact(url)}: {type(exc).__name__}: {exc}") from None
+        raise SkdError(f"cannot open teacher cache {redact(url)}: {type(exc).__name__}: {scrub(exc)}") from None
 
 
 def finalize(partial: Path, final: Path) -> None:
@@ -399,6 +406,7 @@ def finalize(partial: Path, final: Path) -> None:
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
+        fault_point("finalize")
     os.replace(partial, final)
     if old.exists():
         shutil.rmtree(old)

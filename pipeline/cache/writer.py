@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -25,9 +26,11 @@ from pipeline.cache.store import (LOG_PROB_RANGE, SHARD_IMAGES, create_store, fe
                                   logit_size, recover_swap)
 from pipeline.inference import predict, resize
 from pipeline.device import set_cpu_threads
+from pipeline.cache.lock import WriterLock
 from pipeline.cache.views import VIEW_ARRAYS, crop_params, draw_views
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, apply_jitter, apply_params, normalize
 from pipeline.errors import SkdError
+from pipeline.faults import fault_point
 from pipeline.train import distributed
 
 log = logging.getLogger(__name__)
@@ -109,22 +112,40 @@ def cache_teacher(
     store is the one a single process writes (batches never cross a shard), at any world size.
     """
     out = Path(out)
-    partial = out.with_name(out.name + ".partial")
     world = distributed.current()
-    # Rank 0 alone touches the store's layout; the others learn its outcome (or its error) from it.
-    setup_error, todo = None, None
-    if world.main:
-        try:
-            todo = _open_or_create(teacher, teacher_info, dataset, out, partial, feature_pool, scales, flip, window,
-                                   levels, views, precision, features, shard_images, overwrite)
-        except Exception as exc:
-            setup_error = exc
-    shared = distributed.broadcast_object(None if setup_error is None else str(setup_error) or type(setup_error).__name__)
-    if setup_error is not None:
-        raise setup_error
-    if shared is not None:
-        raise SkdError(f"rank 0 stopped: {shared}")
-    todo = distributed.broadcast_object(todo)
+    with contextlib.ExitStack() as held:
+        # Rank 0 alone touches the store's layout, holding the store's writer lock until it is
+        # finalised; the other ranks learn the outcome (or the error) from it.
+        setup_error, todo = None, None
+        if world.main:
+            try:
+                held.enter_context(WriterLock(out))
+                todo = _open_or_create(teacher, teacher_info, dataset, out, feature_pool, scales, flip, window,
+                                       levels, views, precision, features, shard_images, overwrite)
+            except Exception as exc:
+                setup_error = exc
+        shared = distributed.broadcast_object(None if setup_error is None else str(setup_error) or type(setup_error).__name__)
+        if setup_error is not None:
+            raise setup_error
+        if shared is not None:
+            raise SkdError(f"rank 0 stopped: {shared}")
+        todo = distributed.broadcast_object(todo)
+        if todo is None:
+            log.info("%s is already complete, from the same teacher, data and settings: nothing to do", out)
+            return out
+        _write_shards(teacher, dataset, out, todo, world, batch_size=batch_size, device=device,
+                      feature_pool=feature_pool, scales=scales, flip=flip, window=window, views=views,
+                      precision=precision, features=features, workers=workers, write_threads=write_threads,
+                      progress=progress)
+    return out
+
+
+def _write_shards(teacher: nn.Module, dataset, out: Path, todo: list[tuple[int, int]], world: distributed.World, *,
+                  batch_size: int, device: torch.device | str, feature_pool: int, scales: Sequence[float], flip: bool,
+                  window: tuple[int, int] | None, views: dict | None, precision: str, features: bool, workers: int,
+                  write_threads: int, progress: bool) -> None:
+    """Run the teacher on this rank's share of the shards ``todo`` and write them; rank 0 finalises."""
+    partial = out.with_name(out.name + ".partial")
     group = zarr.open_group(str(partial), mode="r+")
     n = len(dataset)
     mine = todo[world.rank :: world.size]  # shards not yet done, dealt out over the ranks
@@ -144,7 +165,7 @@ def cache_teacher(
     if views:
         names += [name for name in VIEW_ARRAYS if features or not name.startswith("view_feature")]
     writes = _BoundedWrites(write_threads)
-    shards = _ShardBuffers(group, names, int(group.attrs["shard_images"]), n, writes)
+    shards = _ShardBuffers(group, names, int(group.attrs["shard_images"]), n, writes, partial)
     desc = "cache-teacher" + (f" (rank 0 of {world.size})" if world.size > 1 else "")
     with tqdm(total=len(pending), desc=desc, unit="img", disable=not progress) as bar, writes:
         for batch in loader:
@@ -178,20 +199,17 @@ def cache_teacher(
         finalize(partial, out)
         log.info("wrote %s", out)
     distributed.barrier()  # no rank returns before the store is in place
-    return out
 
 
-def _open_or_create(teacher: nn.Module, teacher_info: dict[str, Any], dataset, out: Path, partial: Path,
-                    feature_pool: int, scales: Sequence[float], flip: bool, window: tuple[int, int] | None,
-                    levels: Sequence[float], views: dict | None, precision: str, features: bool, shard_images: int,
-                    overwrite: bool) -> list[tuple[int, int]]:
-    """Check ``out``, then create ``partial`` or check that it resumes; returns the shards (start,
-    stop) not yet done."""
+def _open_or_create(teacher: nn.Module, teacher_info: dict[str, Any], dataset, out: Path, feature_pool: int,
+                    scales: Sequence[float], flip: bool, window: tuple[int, int] | None, levels: Sequence[float],
+                    views: dict | None, precision: str, features: bool, shard_images: int,
+                    overwrite: bool) -> list[tuple[int, int]] | None:
+    """Check ``out``, then create ``<out>.partial`` or check that it resumes; returns the shards
+    (start, stop) not yet done, or None when ``out`` is already this very store, complete (a re-run
+    of a finished command)."""
+    partial = out.with_name(out.name + ".partial")
     recover_swap(out)
-    if out.exists() and not overwrite:
-        raise SkdError(f"{out} already exists: pass --overwrite to replace it")
-    # With --overwrite the old store stays usable until the new one is complete (see finalize).
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     provenance = {
         "teacher": teacher_info,
@@ -206,8 +224,17 @@ def _open_or_create(teacher: nn.Module, teacher_info: dict[str, Any], dataset, o
         "torch_version": torch.__version__,
     }
     provenance = json.loads(json.dumps(provenance))  # compare as it reads back from JSON attributes
+    if out.exists() and not overwrite:
+        attrs = _attributes(out)
+        if attrs.get("complete") and not _differences(attrs, provenance, feature_pool, features):
+            return None
+        raise SkdError(f"{out} already exists (from another teacher, data or setting): pass --overwrite to replace it")
+    # With --overwrite the old store stays usable until the new one is complete (see finalize).
+    out.parent.mkdir(parents=True, exist_ok=True)
     if partial.exists() and not overwrite:
-        _check_resumable(partial, provenance, feature_pool, features)
+        different = _differences(_attributes(partial), provenance, feature_pool, features)
+        if different:
+            raise SkdError(f"{partial} was started with a different {different[0]}: remove it or pass --overwrite")
         group = zarr.open_group(str(partial), mode="r+")
     else:
         if partial.exists():
@@ -246,7 +273,8 @@ class _ShardBuffers:
     that writes every array's shard and then the shard's ``done`` flags. So each shard file is
     written once, by one writer, and nothing is flagged before it is on disk."""
 
-    def __init__(self, group: zarr.Group, names: list[str], shard: int, n: int, writes: "_BoundedWrites"):
+    def __init__(self, group: zarr.Group, names: list[str], shard: int, n: int, writes: "_BoundedWrites", where: Path):
+        self.where = where
         self.arrays = {name: group[name] for name in names}
         self.done = group["done"]
         self.shard, self.n, self.writes = shard, n, writes
@@ -264,14 +292,22 @@ class _ShardBuffers:
         missing.discard(index)
         if not missing:
             del self.open[start]
-            self.writes.submit(_write_shard, self.arrays, buffers, self.done, start, stop)
+            self.writes.submit(_write_shard, self.arrays, buffers, self.done, start, stop, self.where)
 
 
 def _write_shard(arrays: dict[str, zarr.Array], buffers: dict[str, np.ndarray], done: zarr.Array,
-                 start: int, stop: int) -> None:
-    for name, array in arrays.items():
-        array[start:stop] = buffers[name]
-    done[start:stop] = True  # only after the maps are on disk
+                 start: int, stop: int, where: Path) -> None:
+    try:
+        for k, (name, array) in enumerate(arrays.items()):
+            if k == 1:
+                fault_point("shard-write")
+            array[start:stop] = buffers[name]
+        fault_point("flag-write")
+        done[start:stop] = True  # only after the maps are on disk
+    except OSError as exc:  # a full disk, a quota, a permission taken away mid-run
+        raise SkdError(f"writing images {start}-{stop - 1} to {where} failed: {exc.strerror or exc}"
+                       f"{f' ({exc.filename})' if exc.filename else ''}; the shards finished before are kept, "
+                       "marked done: make room and re-run the same command to resume") from None
 
 
 class _BoundedWrites:
@@ -339,11 +375,15 @@ def _check_finite(dataset, indices: list[int], outputs: dict[str, torch.Tensor])
                            "a re-run resumes")
 
 
-def _check_resumable(partial: Path, provenance: dict, feature_pool: int, features: bool) -> None:
+def _attributes(store: Path) -> dict:
     try:
-        attrs = dict(zarr.open_group(str(partial), mode="r").attrs)
+        return dict(zarr.open_group(str(store), mode="r").attrs)
     except Exception as exc:
-        raise SkdError(f"cannot resume {partial}: {exc}; remove it or pass --overwrite") from None
+        raise SkdError(f"cannot read {store}: {exc}; remove it or pass --overwrite") from None
+
+
+def _differences(attrs: dict, provenance: dict, feature_pool: int, features: bool) -> list[str]:
+    """What a store's attributes say was done differently from this run (empty: the same run)."""
     checks = {
         "teacher": (attrs.get("teacher"), provenance["teacher"]),
         "dataset": (attrs.get("dataset"), provenance["dataset"]),
@@ -351,6 +391,4 @@ def _check_resumable(partial: Path, provenance: dict, feature_pool: int, feature
         "feature_pool": (attrs.get("feature_pool"), feature_pool),
         "features setting": (attrs.get("features"), features),
     }
-    for what, (old, new) in checks.items():
-        if old != new:
-            raise SkdError(f"{partial} was started with a different {what}: remove it or pass --overwrite")
+    return [what for what, (old, new) in checks.items() if old != new]

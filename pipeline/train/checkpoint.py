@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import SkdError
+from pipeline.faults import fault_point
 from pipeline.models import build_model
 from pipeline.models.weights import load_state, read_checkpoint, state_dict_of
 
@@ -26,6 +27,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
+    fault_point("checkpoint-write")
     os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
 
 

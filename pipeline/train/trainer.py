@@ -173,7 +173,7 @@ class Trainer:
     def state(self) -> dict:
         state = {
             "arch": self.arch(), "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "iteration": self.iteration, "config": self.cfg.to_dict(),
+            "scheduler": self.scheduler.state_dict(), "iteration": self.iteration, "config": public_config(self.cfg),
             "torch_rng": torch.get_rng_state(), "elapsed_s": self.progress.elapsed_s,
         }
         if self.device.type == "cuda":  # the gradient penalty's α and dropout draw on the device
@@ -349,7 +349,7 @@ class Trainer:
         main = self.world.main
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+            (self.out / "config.json").write_text(json.dumps(public_config(self.cfg), indent=2))
         log_file = open(self.out / "log.jsonl", "a") if main else None
         from tqdm import tqdm
 
@@ -398,6 +398,15 @@ class Trainer:
         distributed.barrier()  # no rank returns before model.pt exists
         log.info("trained %s in %.0f s -> %s", self.cfg.model.name, time.perf_counter() - started, final)
         return final
+
+
+def public_config(cfg: Config) -> dict:
+    """The run's settings as written to config.json and checkpoints: a store URL without its
+    credentials (files outlive the run and travel with it)."""
+    settings = cfg.to_dict()
+    if settings["distill"].get("cache"):
+        settings["distill"]["cache"] = redact(settings["distill"]["cache"])
+    return settings
 
 
 def _grad_norm(loss: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
