@@ -1,7 +1,7 @@
 """Reading images and label maps from disk, with one clear error per problem.
 
 Every failure a user can cause (missing file, truncated or non-image file, label of the wrong size,
-label values that are not class ids) becomes an ``SkdError`` whose message names the file.
+label values that are not class ids) becomes a ``DataError`` (an ``SkdError``) whose message names the file.
 """
 
 from __future__ import annotations
@@ -25,28 +25,60 @@ INVALID = -1
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+class DataError(SkdError):
+    """A problem with a dataset file, raised where the file is read: often in a DataLoader worker process.
+
+    PyTorch re-raises a worker's exception in the main process as ``DataError("Caught DataError in
+    DataLoader worker process 0.\nOriginal Traceback ...")``, the worker's whole traceback as the
+    message. The constructor keeps only the original message (the traceback's last line), so the user
+    sees the same one-line error with worker processes as without.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        name = type(self).__name__
+        if isinstance(message, str) and message.startswith(f"Caught {name} ") and "\nOriginal Traceback" in message:
+            last = message.rstrip().rsplit("\n", 1)[-1]
+            _, found, original = last.partition(f"{name}: ")
+            if found:
+                message = original
+        super().__init__(message)
+
+
 def _open_decoded(path: Path, what: str) -> Image.Image:
     """Open and fully decode ``path`` (Pillow decodes lazily, so truncation only shows on load)."""
     path = Path(path)
     if not path.is_file():
-        raise SkdError(f"{what} file not found: {path}")
+        raise DataError(f"{what} file not found: {path}")
     try:
         img = Image.open(path)
         img.load()
     except _PIL_ERRORS as e:
-        raise SkdError(f"cannot read {what} file {path}: {e}") from None
+        raise DataError(f"cannot read {what} file {path}: {e}") from None
     return img
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """Read an image as a uint8 tensor 3×H×W in RGB order (grayscale, RGBA and palette converted)."""
+    """Read an image as a uint8 tensor 3×H×W in RGB order.
+
+    Other modes are converted as Pillow converts them to RGB: greyscale gives R = G = B, an alpha
+    channel is dropped (the colour values are kept, not blended onto a background), palette images
+    give their colours. 16-bit greyscale keeps its high byte, as Pillow reads 16-bit colour PNGs.
+    32-bit integer and floating-point images have no fixed range and are refused.
+    """
     img = _open_decoded(Path(path), "image")
+    if img.mode.startswith("I;16"):
+        # Pillow's own convert() clips 16-bit values at 255 (a white image); keep the high byte.
+        high = (np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8)
+        img = Image.fromarray(high)  # mode L
+    elif img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "floating-point"
+        raise DataError(f"image file {path} is a {kind} image (mode {img.mode}) with no fixed value range: "
+                        "save it as 8-bit RGB or greyscale")
     if img.mode != "RGB":
         try:
-            # RGBA is dropped onto black rather than blended: segmentation keeps the colour values.
             img = img.convert("RGB")
         except _PIL_ERRORS as e:
-            raise SkdError(f"cannot convert image file {path} (mode {img.mode}) to RGB: {e}") from None
+            raise DataError(f"cannot convert image file {path} (mode {img.mode}) to RGB: {e}") from None
     array = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
@@ -58,7 +90,7 @@ def read_label(path: str | Path) -> np.ndarray:
     """
     img = _open_decoded(Path(path), "label")
     if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
-        raise SkdError(
+        raise DataError(
             f"label file {path} has mode {img.mode}; expected a single-channel image of class ids "
             "(8/16-bit grayscale or palette PNG), not a colour image"
         )
@@ -69,19 +101,19 @@ def image_size(path: str | Path) -> tuple[int, int]:
     """(H, W) of an image from its header only (no pixel decoding)."""
     path = Path(path)
     if not path.is_file():
-        raise SkdError(f"image file not found: {path}")
+        raise DataError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
             width, height = img.size
     except _PIL_ERRORS as e:
-        raise SkdError(f"cannot read image file {path}: {e}") from None
+        raise DataError(f"cannot read image file {path}: {e}") from None
     return height, width
 
 
 def check_same_size(image_path: Path, image_hw: tuple[int, int], label_path: Path, label_hw: tuple[int, int]) -> None:
     """Raise if a label map does not cover its image pixel for pixel."""
     if tuple(image_hw) != tuple(label_hw):
-        raise SkdError(
+        raise DataError(
             f"label file {label_path} is {label_hw[0]}x{label_hw[1]} (HxW) but its image {image_path} "
             f"is {image_hw[0]}x{image_hw[1]}"
         )
@@ -98,12 +130,12 @@ def map_label(raw: np.ndarray, lut: np.ndarray, path: str | Path, allowed: str) 
     outside = (raw < 0) | (raw >= len(lut))
     if outside.any():
         bad = np.unique(raw[outside])
-        raise SkdError(f"label file {path} has values {_list_values(bad)} that are not allowed ({allowed})")
+        raise DataError(f"label file {path} has values {_list_values(bad)} that are not allowed ({allowed})")
     mapped = lut[raw]
     invalid = mapped == INVALID
     if invalid.any():
         bad = np.unique(raw[invalid])
-        raise SkdError(f"label file {path} has values {_list_values(bad)} that are not allowed ({allowed})")
+        raise DataError(f"label file {path} has values {_list_values(bad)} that are not allowed ({allowed})")
     return mapped
 
 
@@ -125,7 +157,7 @@ def require_dir(path: Path, what: str) -> Path:
     """Return ``path`` if it is a directory, else raise SkdError naming it."""
     path = Path(path)
     if not path.is_dir():
-        raise SkdError(f"{what} directory not found: {path}")
+        raise DataError(f"{what} directory not found: {path}")
     return path
 
 
@@ -146,7 +178,7 @@ def pair_by_stem(images: list[Path], labels: list[Path], image_dir: Path, label_
         for f in files:
             key = f.relative_to(root).with_suffix("").as_posix()
             if key in out:
-                raise SkdError(f"two {what} files share the name {key!r}: {out[key]} and {f}")
+                raise DataError(f"two {what} files share the name {key!r}: {out[key]} and {f}")
             out[key] = f
         return out
 
@@ -155,11 +187,11 @@ def pair_by_stem(images: list[Path], labels: list[Path], image_dir: Path, label_
     no_label = sorted(set(image_by_key) - set(label_by_key))
     if no_label:
         others = f" (and {len(no_label) - 1} more)" if len(no_label) > 1 else ""
-        raise SkdError(f"image file {image_by_key[no_label[0]]} has no label file in {label_dir}{others}")
+        raise DataError(f"image file {image_by_key[no_label[0]]} has no label file in {label_dir}{others}")
     no_image = sorted(set(label_by_key) - set(image_by_key))
     if no_image:
         others = f" (and {len(no_image) - 1} more)" if len(no_image) > 1 else ""
-        raise SkdError(f"label file {label_by_key[no_image[0]]} has no image file in {image_dir}{others}")
+        raise DataError(f"label file {label_by_key[no_image[0]]} has no image file in {image_dir}{others}")
     return [(key, image_by_key[key], label_by_key[key]) for key in sorted(image_by_key)]
 
 

@@ -12,6 +12,8 @@ default momentum.
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 from pipeline.errors import SkdError
 
 HEAD_PREFIXES = ("head.", "dsn.")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch puts terminal bold codes in some of its messages
 
 
 @dataclass
@@ -50,9 +53,20 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise SkdError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A plain pickle file makes torch warn about its protocol before refusing it: one message is enough.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, not a torch file, pickle with forbidden globals...
-        first_line = (str(exc).strip().splitlines() or [""])[0]
+        text = _ANSI.sub("", str(exc))
+        if "Weights only load failed" in text:
+            # torch's message advises weights_only=False, which would run the file's code: not for skd's users.
+            found = re.search(r"GLOBAL (\S+)", text)
+            what = f"a pickled Python object ({found.group(1)})" if found else "pickled Python data"
+            raise SkdError(f"refusing checkpoint {path}: it holds {what}, not only tensors and numbers; skd "
+                           "loads checkpoints with weights_only=True and never runs their code (if you trust the "
+                           "file, re-save its weights alone with torch.save(model.state_dict(), ...))") from None
+        first_line = (text.strip().splitlines() or [""])[0]
         raise SkdError(f"cannot read checkpoint {path}: {type(exc).__name__}: {first_line}") from None
     if not isinstance(obj, dict):
         raise SkdError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
