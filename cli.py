@@ -84,6 +84,9 @@ def train_options(f):
         click.option("--scale-range", default=None, help="Random scale range LOW,HIGH, e.g. 0.5,2.0. [default: 1,1]"),
         click.option("--flip/--no-flip", default=None, help="Random horizontal flip."),
         click.option("--workers", type=int, default=None, help="DataLoader worker processes. [default: 2]"),
+        click.option("--val-every", type=int, default=None,
+                     help="Every N iterations and at the end, log the val split's mIoU and keep the best model "
+                          "in OUT/best.pt. [default: 0, no validation]"),
         click.option("--seed", type=int, default=None, help="[default: 0]"),
         click.option("--device", default=None, help="auto, cpu, cuda, cuda:1 ... [default: auto]"),
         click.option("--out", type=click.Path(), default=None, help="Run folder for checkpoints and logs."),
@@ -120,7 +123,7 @@ def common_train_updates(kw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "data": {"dataset": kw["dataset"], "root": kw["data_root"], "crop_size": parse_hw(kw["crop_size"]),
                  "scale_range": parse_floats(kw["scale_range"]), "flip": kw["flip"], "workers": kw["workers"]},
         "model": {"name": kw["model"], "width": kw["width"], "pretrained_backbone": kw["pretrained_backbone"]},
-        "train": {"iterations": kw["iterations"], "budget_minutes": kw["budget_minutes"], "batch_size": kw["batch_size"], "lr": kw["lr"], "seed": kw["seed"], "sync_bn": kw["sync_bn"],
+        "train": {"iterations": kw["iterations"], "budget_minutes": kw["budget_minutes"], "batch_size": kw["batch_size"], "lr": kw["lr"], "seed": kw["seed"], "sync_bn": kw["sync_bn"], "val_every": kw["val_every"],
                   "device": kw["device"], "out": kw["out"]},
     }
 
@@ -317,13 +320,15 @@ def evaluate_cmd(ctx: click.Context, config_path: str | None, dataset: str | Non
                  output: str | None, save_images: int, name: str | None) -> None:
     """mIoU, pixel accuracy and per-class IoU of a checkpoint or of a teacher cache (--cache).
 
-    Single scale, whole image, no flip by default. Prints a table; --output writes JSON.
+    Single scale, whole image, no flip by default. Prints a table; --output writes JSON and, beside
+    it, the confusion matrix as a PNG (<output>_confusion.png).
     """
     from pipeline.cache.store import TeacherStore, redact
     from pipeline.data import build_dataset
     from pipeline.evaluate import evaluate_cache, evaluate_model
     from pipeline.metrics import evaluation_report, format_table
     from pipeline.profile import count_flops
+    from pipeline.visualize import confusion_image, save_png
     from pipeline.train.checkpoint import model_from_checkpoint
     from pipeline.device import resolve_device
 
@@ -358,6 +363,9 @@ def evaluate_cmd(ctx: click.Context, config_path: str | None, dataset: str | Non
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(report, indent=2))
+        confusion = Path(output).with_name(Path(output).stem + "_confusion.png")
+        save_png(confusion, confusion_image(cm.matrix, list(ds.class_names)))
+        click.echo(f"results -> {output}, confusion matrix -> {confusion}")
 
 
 @cli.command("check-data")
@@ -547,6 +555,18 @@ def cache_verify(ctx: click.Context, store: str) -> None:
     if problems:
         raise SkdError(f"{redact(store)}: {len(problems)} problem(s) found")
     click.echo(f"{redact(store)}: every chunk read and checked, no problem found")
+
+
+@cli.command("plot")
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(), default="curves.png", help="PNG to write.")
+def plot_cmd(runs: tuple[str, ...], out: str) -> None:
+    """Training curves of one or several runs (their --out folders) in one PNG: every loss term, and
+    the val mIoU of runs trained with --val-every. Needs matplotlib (pip install 'skd[plot]')."""
+    from pipeline.plot import plot_runs
+
+    panels = plot_runs([Path(r) for r in runs], Path(out))
+    click.echo(f"{len(runs)} run(s), {len(panels)} panels ({', '.join(panels)}) -> {out}")
 
 
 def main() -> None:

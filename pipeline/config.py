@@ -107,6 +107,9 @@ class TrainConfig:
     log_every: int = 20
     log_grad_norms: bool = True  # on logged steps: each loss term's gradient norm on the PSP features
     checkpoint_every: int = 500
+    # Every this many iterations (and at the end), the val split's mIoU (single scale, whole image)
+    # goes into log.jsonl and the best model so far into best.pt; 0 = no validation.
+    val_every: int = 0
     out: str = "runs/train"
 
 

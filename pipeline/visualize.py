@@ -78,3 +78,37 @@ def save_png(path, array: np.ndarray) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def confusion_image(matrix, class_names: list[str], cell: int = 36) -> np.ndarray:
+    """The confusion matrix (rows: true class, columns: predicted) as an RGB image, each row
+    normalised to the fraction of that class's pixels: white 0 to dark blue 1, the percentage written
+    in each cell of 1 % or more. Rows of classes absent from the labels stay grey."""
+    from PIL import ImageDraw, ImageFont
+
+    counts = _to_numpy(matrix).astype(np.float64)
+    n = len(class_names)
+    totals = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    font = ImageFont.load_default()
+    margin = 8 + max(int(font.getlength(name)) for name in class_names)
+    size = margin + n * cell + 8
+    canvas = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(canvas)
+    low, high = np.array([255, 255, 255]), np.array([8, 48, 107])
+    for t in range(n):
+        for p in range(n):
+            x, y = margin + p * cell, margin + t * cell
+            colour = (200, 200, 200) if totals[t, 0] == 0 else tuple(int(v) for v in (low + share[t, p] * (high - low)).round())
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour, outline=(230, 230, 230))
+            if totals[t, 0] > 0 and share[t, p] >= 0.01:
+                text = f"{100 * share[t, p]:.0f}"
+                ink = "white" if share[t, p] > 0.5 else "black"
+                draw.text((x + cell / 2, y + cell / 2), text, fill=ink, font=font, anchor="mm")
+    for k, name in enumerate(class_names):
+        draw.text((margin - 4, margin + k * cell + cell / 2), name, fill="black", font=font, anchor="rm")
+        label = Image.new("RGB", (margin, cell), "white")  # column names, written rotated
+        ImageDraw.Draw(label).text((margin - 4, cell / 2), name, fill="black", font=font, anchor="rm")
+        canvas.paste(label.rotate(-90, expand=True), (margin + k * cell, 0))
+    draw.text((4, 4), "true \\ predicted", fill=(90, 90, 90), font=font)
+    return np.asarray(canvas)

@@ -191,3 +191,33 @@ def test_fault_injection_rounds(tmp_path):
     totals = json.loads((tmp_path / "faults.json").read_text())["totals"]
     assert totals["rounds"] == 3 and totals["faults_injected"] >= 1
     assert totals["corruptions"] == totals["lost"] == totals["unfinished"] == totals["leftover_files"] == 0
+
+
+def test_training_from_a_store_while_another_is_written_beside_it(setup, tmp_path):
+    base = ["train-student", "--config", str(setup["config"]), "--cache", str(setup["reference"]), "--losses", "pi,pa"]
+    alone = skd(*base, "--out", str(tmp_path / "alone"))
+    assert alone.returncode == 0, alone.stderr
+    # A longer caching run (more, larger images) in the folder of the store being read.
+    config = tmp_path / "more.yaml"
+    recipe = yaml.safe_load(setup["config"].read_text())
+    recipe["data"]["options"] = {"size": [64, 96], "length": 320}
+    config.write_text(yaml.safe_dump(recipe))
+    beside = setup["reference"].with_name("beside.zarr")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    writer = subprocess.Popen([sys.executable, "-m", "cli", "--quiet", "cache-teacher", "--config", str(config),
+                               "--teacher", str(setup["tmp"] / "t" / "model.pt"), "--cache", str(beside)],
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        together = skd(*base, "--out", str(tmp_path / "together"))
+        overlapped = writer.poll() is None  # the writer was busy for the whole training run
+    finally:
+        _, errors = writer.communicate(timeout=300)
+    assert together.returncode == 0, together.stderr
+    assert writer.returncode == 0, errors
+    assert overlapped, "the caching run ended before training did; make it longer"
+    import torch
+
+    got = torch.load(tmp_path / "together" / "model.pt", weights_only=True)["model"]
+    want = torch.load(tmp_path / "alone" / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    assert skd("cache-verify", str(beside)).returncode == 0

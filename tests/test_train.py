@@ -145,6 +145,24 @@ def test_resume_is_exact(tiny_config, store, tmp_path, monkeypatch):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (ra["iteration"], key)
 
 
+def test_validation_logs_the_val_miou_and_keeps_the_best_model(tiny_config, tmp_path):
+    from pipeline.evaluate import evaluate_model
+
+    out = tmp_path / "run"
+    train(make_config(tiny_config, out, train={"val_every": 2, "iterations": 6}), progress=False)
+    logged = [r for r in read_log(out) if "val_miou" in r]
+    assert [r["iteration"] for r in logged] == [2, 4, 6]
+    best = load_checkpoint(out / "best.pt")
+    assert best["val_miou"] == max(r["val_miou"] for r in logged)
+    assert best["iteration"] == max(logged, key=lambda r: r["val_miou"])["iteration"]
+    # An independent evaluation of best.pt (and of model.pt, the last iteration's) gives the logged values.
+    val = build_dataset("synthetic", None, "val", **TINY_DATA["options"])
+    model, _ = model_from_checkpoint(out / "best.pt")
+    assert float(evaluate_model(model, val, progress=False).miou()) == pytest.approx(best["val_miou"], abs=1e-9)
+    last, _ = model_from_checkpoint(out / "model.pt")
+    assert float(evaluate_model(last, val, progress=False).miou()) == pytest.approx(logged[-1]["val_miou"], abs=1e-9)
+
+
 # -- failures ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("term", ["pi", "pa"])

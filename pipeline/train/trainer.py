@@ -153,6 +153,8 @@ class Trainer:
                                       autocast_cuda=self.amp) if "ho" in terms else None)
 
         self.iteration = 0
+        self.best_val_miou: float | None = None
+        self._val_set = None
         if resume:
             self._resume()
         elif (self.out / "last.pt").exists():
@@ -182,6 +184,8 @@ class Trainer:
             state |= self.holistic.state_dict()
         if self.adapter is not None:
             state["fd_adapter"] = self.adapter.state_dict()
+        if self.best_val_miou is not None:
+            state["best_val_miou"] = self.best_val_miou
         return state
 
     def _resume(self) -> None:
@@ -207,6 +211,7 @@ class Trainer:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.iteration = int(state["iteration"])
         self.progress.elapsed_s = float(state.get("elapsed_s", 0.0))
+        self.best_val_miou = state.get("best_val_miou")
         log.info("resumed %s at iteration %d", path, self.iteration)
 
     def save(self) -> None:
@@ -337,6 +342,23 @@ class Trainer:
                                f"stopping ({kept}); try a lower learning rate or weight for '{name}'")
         return values
 
+    # -- validation ----------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        """The val split's mIoU now (rank 0 only); keeps the best model so far in best.pt."""
+        from pipeline.evaluate import evaluate_model
+
+        data = self.cfg.data
+        if self._val_set is None:
+            self._val_set = build_dataset(data.dataset, data.root, data.val_split, **data.options)
+        cm = evaluate_model(self.student, self._val_set, device=self.device, progress=False)
+        self.student.train()
+        miou = float(cm.miou())
+        if self.best_val_miou is None or miou > self.best_val_miou:
+            self.best_val_miou = miou
+            save_checkpoint(self.out / "best.pt", {"arch": self.arch(), "model": self.student.state_dict(),
+                                                   "iteration": self.iteration, "val_miou": miou})
+        return {"val_miou": miou, "best_val_miou": self.best_val_miou}
+
     # -- loop ----------------------------------------------------------------------------------
     def finished(self) -> bool:
         """Every iteration done, or, with --budget-minutes, the training time spent."""
@@ -374,7 +396,11 @@ class Trainer:
                 last = now
                 bar.update(1)
                 done = self.finished()
-                if self.iteration % t.log_every == 0 or done:
+                if t.val_every and (self.iteration % t.val_every == 0 or done):
+                    if main:
+                        record |= self.validate()
+                    distributed.barrier()  # the other ranks wait for rank 0's evaluation
+                if self.iteration % t.log_every == 0 or done or "val_miou" in record:
                     record |= {"iteration": self.iteration, "lr": self.scheduler.get_last_lr()[0],
                                "step_s": sum(window) / len(window), "elapsed_s": self.progress.elapsed_s}
                     window = []
