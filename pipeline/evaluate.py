@@ -9,14 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.cache.store import TeacherStore, redact
-from pipeline.errors import SkdError
+from pipeline.cache.store import TeacherStore
 from pipeline.inference import predict
 from pipeline.data.transforms import normalize
 from pipeline.metrics import ConfusionMatrix
@@ -54,27 +52,8 @@ def evaluate_model(model: nn.Module, dataset, device: torch.device | str = "cpu"
 
 def evaluate_cache(store: TeacherStore, dataset, progress: bool = True, save_dir: Path | None = None,
                    save_images: int = 0) -> ConfusionMatrix:
-    """mIoU of the stored teacher maps themselves (after checking they belong to ``dataset``).
-
-    A store marked complete whose ``done`` flags are not all set, or whose map of an image holds
-    NaN (the fill value of a chunk never written, e.g. a store copied in part), is refused: its
-    argmax would silently count as class 0.
-    """
+    """mIoU of the stored teacher maps themselves (after checking they belong to ``dataset``; a
+    store copied in part is refused by the check and by the reads)."""
     store.check_matches(dataset)
-    where = redact(store.url)
-    done = np.asarray(store.group["done"][:], dtype=bool)
-    if not done.all():
-        first = int(np.flatnonzero(~done)[0])
-        raise SkdError(f"{where} is incomplete ({int(done.sum())}/{len(done)} images flagged done; image "
-                       f"{store.ids[first]!r} (#{first}) is not), though marked complete: it was damaged or copied in "
-                       "part; run skd cache-verify on it, and re-create it with skd cache-teacher")
-
-    def predict_image(i: int, _: dict) -> torch.Tensor:
-        log_probs = store.read_log_probs(i)
-        if not np.isfinite(log_probs).all():
-            raise SkdError(f"{where}: the teacher's map of image {store.ids[i]!r} (#{i}) holds NaN or inf (a chunk "
-                           "never written or lost in a copy); run skd cache-verify on it, and re-create it with "
-                           "skd cache-teacher")
-        return torch.from_numpy(log_probs)
-
-    return _evaluate(dataset, predict_image, progress, save_dir, save_images, "evaluate cache")
+    return _evaluate(dataset, lambda i, _: torch.from_numpy(store.read_log_probs(i)), progress, save_dir, save_images,
+                     "evaluate cache")

@@ -194,10 +194,6 @@ def test_a_broken_image_or_label_is_named_by_every_command(monkeypatch, capsys, 
     assert {p.name for p in store.parent.glob("*")} <= {"train.zarr.partial"}
 
 
-@pytest.mark.xfail(strict=True, reason="the .partial left by a run stopped by a bad file records the bad file's "
-                                       "fingerprint; once the file is fixed, _open_or_create (pipeline/cache/writer.py) "
-                                       "refuses it ('started with a different dataset') while train-student says "
-                                       "to re-run cache-teacher")
 def test_the_same_cache_teacher_command_works_once_the_file_is_fixed(monkeypatch, capsys, tmp_path, folder, config,
                                                                      teacher):
     good = (folder / "images/train/im1.png").read_bytes()
@@ -446,8 +442,6 @@ def test_evaluating_a_store_copied_in_part_is_refused(monkeypatch, capsys, tmp_p
     assert not output.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="TeacherStore.check_matches (pipeline/cache/store.py) checks the 'complete' "
-                                       "attribute only, not the done flags nor missing maps: see docs/RELIABILITY.md")
 @pytest.mark.parametrize("lost", ["flags", "maps"])
 def test_training_from_a_store_copied_in_part_is_refused(monkeypatch, capsys, tmp_path, config, teacher, lost):
     store = copied_in_part(cache(monkeypatch, capsys, config, teacher, tmp_path / "train.zarr"), lost)
@@ -546,17 +540,12 @@ def test_a_new_store_in_a_read_only_folder_fails_clearly(read_only_runs):
     assert tree(read_only_runs["ro"]) == read_only_runs["ro_before"]
 
 
-@pytest.mark.xfail(strict=True, reason="cache-teacher creates the store's folder (WriterLock.__enter__ in "
-                                       "pipeline/cache/lock.py, _open_or_create in pipeline/cache/writer.py) "
-                                       "without turning the PermissionError into an SkdError: a traceback")
 def test_a_new_store_in_a_new_folder_under_a_read_only_one_fails_clearly(read_only_runs):
     r = read_only_runs["results"]["new store in a new folder under a read-only one"]
     assert_user_error(r["code"], r["stderr"], str(read_only_runs["ro"] / "sub"), "Permission denied")
     assert tree(read_only_runs["ro"]) == read_only_runs["ro_before"]
 
 
-@pytest.mark.xfail(strict=True, reason="finalize (pipeline/cache/store.py) moves the read-only store to .old, the "
-                                       "new one in, then fails to delete .old: a traceback and a left-over .old")
 def test_overwriting_a_read_only_store_fails_clearly_or_succeeds_cleanly(read_only_runs):
     r = read_only_runs["results"]["overwrite a read-only store"]
     rw = read_only_runs["rw"]

@@ -26,6 +26,7 @@ image is done, so the final path never holds a half-written store.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -44,6 +45,8 @@ from zarr.codecs import Crc32cCodec, Delta, FixedScaleOffset, ZstdCodec
 from pipeline.errors import SkdError
 from pipeline.faults import fault_point
 from pipeline.inference import OUTPUT_STRIDE, output_size, scaled_size
+
+log = logging.getLogger(__name__)
 
 FORMAT = "skd-teacher-cache"
 FORMAT_VERSION = 2  # 1: float16 arrays, one file per image; still read (tests/fixtures/v1_store.zarr)
@@ -328,11 +331,18 @@ class TeacherStore:
         """``group[name][region]`` as float32; a chunk that fails its checksum or cannot be decoded
         is reported with the image it belongs to."""
         try:
-            return np.asarray(self.group[name][region], dtype=np.float32)
+            values = np.asarray(self.group[name][region], dtype=np.float32)
         except Exception as exc:  # zarr/numcodecs raise ValueError, RuntimeError, ... for a bad chunk
             raise SkdError(f"{redact(self.url)}: {name} of image {self.ids[index]!r} (#{index}) cannot be read "
-                           f"({type(exc).__name__}: {exc}); the store is damaged: run skd cache-verify on it, "
+                           f"({type(exc).__name__}: {scrub(exc)}); the store is damaged: run skd cache-verify on it, "
                            "and re-create it with skd cache-teacher") from None
+        # Reads stay within the image's extent, where every value was written: the NaN fill there
+        # means a chunk file is missing (a store copied in part).
+        if not np.isfinite(values).all():
+            raise SkdError(f"{redact(self.url)}: {name} of image {self.ids[index]!r} (#{index}) is missing (NaN "
+                           "fill: a chunk file is not there, as in a store copied in part): run skd cache-verify "
+                           "on it, and copy it again or re-create it with skd cache-teacher")
+        return values
 
     def bytes_on_disk(self, name: str) -> int | None:
         """Bytes of array ``name``'s files (None for zip and URL stores, whose files are not on disk as such)."""
@@ -350,6 +360,13 @@ class TeacherStore:
         if not self.complete:
             raise SkdError(f"{where} is incomplete ({self.done_count()}/{len(self)} images cached): "
                            "re-run skd cache-teacher to finish it")
+        done = self.group["done"][:]
+        if not done.all():  # marked complete by its writer, so something happened to it since
+            first = int(np.flatnonzero(~done)[0])
+            raise SkdError(f"{where} is incomplete ({int(done.sum())}/{len(done)} images flagged done; image "
+                           f"{self.ids[first]!r} (#{first}) is not), though marked complete: it was damaged or "
+                           "copied in part; run skd cache-verify on it, and copy it again or re-create it with "
+                           "skd cache-teacher")
         info = self.attrs["dataset"]
         if info["name"] != dataset.name or info["split"] != dataset.split:
             raise SkdError(f"{where} caches dataset {info['name']}/{info['split']}, "
@@ -409,7 +426,11 @@ def finalize(partial: Path, final: Path) -> None:
         fault_point("finalize")
     os.replace(partial, final)
     if old.exists():
-        shutil.rmtree(old)
+        try:
+            shutil.rmtree(old)
+        except OSError as exc:  # the new store is in place; the old one is only in the way
+            log.warning("the new store is in place at %s, but the old one could not be deleted from %s (%s): "
+                        "delete it by hand", final, old, exc.strerror or exc)
 
 
 def pack_store(directory: Path, zip_path: Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections import deque
@@ -122,6 +123,9 @@ def cache_teacher(
                 held.enter_context(WriterLock(out))
                 todo = _open_or_create(teacher, teacher_info, dataset, out, feature_pool, scales, flip, window,
                                        levels, views, precision, features, shard_images, overwrite)
+            except OSError as exc:  # a read-only folder, a full disk, a path that is a file
+                setup_error = SkdError(f"cannot write the store {out}: {exc.strerror or exc}"
+                                       f"{f' ({exc.filename})' if exc.filename else ''}; nothing was changed")
             except Exception as exc:
                 setup_error = exc
         shared = distributed.broadcast_object(None if setup_error is None else str(setup_error) or type(setup_error).__name__)
@@ -229,12 +233,18 @@ def _open_or_create(teacher: nn.Module, teacher_info: dict[str, Any], dataset, o
         if attrs.get("complete") and not _differences(attrs, provenance, feature_pool, features):
             return None
         raise SkdError(f"{out} already exists (from another teacher, data or setting): pass --overwrite to replace it")
+    if out.exists():
+        _check_replaceable(out)
     # With --overwrite the old store stays usable until the new one is complete (see finalize).
     out.parent.mkdir(parents=True, exist_ok=True)
     if partial.exists() and not overwrite:
         different = _differences(_attributes(partial), provenance, feature_pool, features)
-        if different:
+        if different and zarr.open_group(str(partial), mode="r")["done"][:].any():
             raise SkdError(f"{partial} was started with a different {different[0]}: remove it or pass --overwrite")
+        if different:  # nothing of it is done (e.g. the run stopped at a broken file since fixed): start over
+            log.info("%s was started with a different %s and holds nothing yet: starting again", partial, different[0])
+            overwrite = True
+    if partial.exists() and not overwrite:
         group = zarr.open_group(str(partial), mode="r+")
     else:
         if partial.exists():
@@ -373,6 +383,14 @@ def _check_finite(dataset, indices: list[int], outputs: dict[str, torch.Tensor])
             raise SkdError(f"the teacher's {' and '.join(bad)} for image {dataset.ids[index]!r} (#{index}) are not finite "
                            "(NaN or inf): check the teacher checkpoint; completed shards of images before it are kept and "
                            "a re-run resumes")
+
+
+def _check_replaceable(store: Path) -> None:
+    """--overwrite moves the old store aside and deletes it once the new one is in place: refuse at
+    once, not after the teacher's run, when that cannot be done."""
+    for folder in [store.parent, *(p for p in [store, *store.rglob("*")] if p.is_dir())]:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise SkdError(f"cannot replace {store}: {folder} is read-only; nothing was changed")
 
 
 def _attributes(store: Path) -> dict:

@@ -47,8 +47,9 @@ def model_from_checkpoint(path: str | Path, arch: dict[str, Any] | None = None) 
     state = read_checkpoint(path)
     arch = dict(state.get("arch") or arch or {})
     if "name" not in arch or "num_classes" not in arch:
-        raise SkdError(f"checkpoint {path} does not say which model it holds: pass the architecture "
-                       "(--teacher-arch/--num-classes) for plain state_dicts")
+        raise SkdError(f"checkpoint {path} does not say which model it holds (a plain state_dict): cache-teacher "
+                       "takes --teacher-arch/--num-classes for such a file; other commands need a checkpoint with its "
+                       "architecture, {'arch': {'name': ..., 'num_classes': ...}, 'model': state_dict}")
     model = build_model(**arch)
     load_state(model, state_dict_of(state, path), path, strict=True)
     return model.eval(), arch
