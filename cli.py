@@ -18,15 +18,24 @@ from typing import Any
 
 import click
 
-from pipeline.config import Config, DistillConfig, load_config, merge
+from pipeline.config import Config, DistillConfig, TrainConfig, load_config, merge
 from pipeline.errors import SkdError
 
 log = logging.getLogger("skd")
 _D = DistillConfig()  # the defaults shown in --help
 
 
-def default_cache(dataset: str, split: str = "train") -> str:
-    return f"./data/{dataset}.zarr" if split == "train" else f"./data/{dataset}-{split}.zarr"
+def default_cache(dataset: str, split: str = "train", root: str | None = None) -> str:
+    """./data/<dataset>.zarr for the train split, ./data/<dataset>-<split>.zarr for the others; a
+    folder dataset's stores carry its root's name (two custom datasets must not share a store)."""
+    name = f"{dataset}-{Path(root).resolve().name}" if dataset == "folder" and root else dataset
+    return f"./data/{name}.zarr" if split == "train" else f"./data/{name}-{split}.zarr"
+
+
+def run_folder(cfg: Config, command_default: str) -> None:
+    """--out, else the config's train.out, else the command's own default."""
+    if cfg.train.out == TrainConfig.out:
+        cfg.train.out = command_default
 
 
 def parse_hw(value: str | None) -> list[int] | None:
@@ -70,7 +79,8 @@ def train_options(f):
         click.option("--model", default=None, help="Network, e.g. pspnet_resnet18, pspnet_resnet101, pspnet_mobilenetv2."),
         click.option("--width", type=float, default=None, help="Channel width multiplier of the network (small students)."),
         click.option("--pretrained-backbone", type=click.Path(), default=None,
-                     help="torchvision ImageNet checkpoint to initialise the backbone from."),
+                     help="ImageNet weights for the backbone: a torchvision checkpoint file, or a torchvision weight "
+                          "name such as ResNet18_Weights.IMAGENET1K_V1 (downloaded once into torch's cache)."),
         click.option("--iterations", type=int, default=None, help="Training iterations. [default: 40000]"),
         click.option("--budget-minutes", type=float, default=None,
                      help="Train for this many minutes of wall-clock time instead of --iterations; the poly "
@@ -159,8 +169,9 @@ def train_teacher(ctx: click.Context, config_path: str | None, resume: bool, **k
     from pipeline.train.trainer import train
 
     updates = common_train_updates(kw)
-    updates["train"]["out"] = kw["out"] or "runs/teacher"
+    updates["train"]["out"] = kw["out"]
     cfg = build_config(config_path, **updates)
+    run_folder(cfg, "runs/teacher")
     cfg.distill.losses = []
     with distributed_run(ctx, cfg.train.device) as main:
         path = train(cfg, resume=resume, progress=ctx.obj["progress"])
@@ -206,14 +217,15 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
     from pipeline.train.trainer import train
 
     updates = common_train_updates(kw)
-    updates["train"]["out"] = kw["out"] or "runs/student"
+    updates["train"]["out"] = kw["out"]
     updates["distill"] = {"losses": parse_terms(kw["losses"]), "lambda_pi": kw["lambda_pi"], "lambda_pa": kw["lambda_pa"],
                           "lambda_ho": kw["lambda_ho"], "lambda_fd": kw["lambda_fd"], "pa_node": kw["pa_node"], "teacher": kw["teacher"],
                           "cache": kw["cache"], "temperature": kw["temperature"], "kd_warmup": kw["kd_warmup"],
                           "pseudo_labels": kw["pseudo_labels"], "views": kw["views"]}
     cfg = build_config(config_path, **updates)
     if (cfg.distill.losses or cfg.distill.pseudo_labels) and not cfg.distill.teacher and not cfg.distill.cache:
-        cfg.distill.cache = default_cache(cfg.data.dataset, cfg.data.train_split)
+        cfg.distill.cache = default_cache(cfg.data.dataset, cfg.data.train_split, cfg.data.root)
+    run_folder(cfg, "runs/student")
     with distributed_run(ctx, cfg.train.device) as main:
         path = train(cfg, resume=resume, progress=ctx.obj["progress"])
     if main:
@@ -227,7 +239,8 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
 @click.option("--num-classes", type=int, default=None, help="Classes of a plain state_dict. [default: the dataset's]")
 @click.option("--split", default="train", help="Dataset split to cache.")
 @click.option("--cache", "--out", "cache", type=click.Path(), default=None,
-              help="Store to write: a directory, or a path ending in .zip. [default: ./data/<dataset>.zarr]")
+              help="Store to write: a directory, or a path ending in .zip. [default: ./data/<dataset>.zarr for the "
+                   "train split, ./data/<dataset>-<split>.zarr for others; a folder dataset's name includes its root's]")
 @click.option("--batch-size", type=int, default=None, help="[default: 8]")
 @click.option("--feature-pool", type=int, default=None, help="Max-pool factor for the stored PSP features. [default: 4]")
 @click.option("--teacher-scales", default=None, help="Test-time scales averaged into the stored map, e.g. 0.75,1,1.25. [default: 1]")
@@ -289,7 +302,7 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
     if arch["num_classes"] != ds.num_classes:
         raise SkdError(f"teacher {teacher} predicts {arch['num_classes']} classes, {cfg.data.dataset} has {ds.num_classes}")
     info = {**arch, "checkpoint": Path(teacher).name, "weights_sha256": file_sha256(teacher)}
-    out = cache or default_cache(cfg.data.dataset, split)
+    out = cache or default_cache(cfg.data.dataset, split, cfg.data.root)
     c = cfg.cache
     with distributed_run(ctx, cfg.train.device) as main:
         path = cache_teacher(model, info, ds, out, batch_size=c.batch_size, device=resolve_device(cfg.train.device),
@@ -312,7 +325,8 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
 @click.option("--window", default=None, help="Sliding-window inference with HxW windows (two-thirds stride). [default: whole image]")
 @click.option("--device", default="auto", help="auto, cpu, cuda ...")
 @click.option("--output", type=click.Path(), default=None, help="Write the results as JSON here.")
-@click.option("--save-images", type=int, default=0, help="Save this many coloured image | truth | prediction PNGs next to --output.")
+@click.option("--save-images", type=int, default=0, help="Save this many coloured image | truth | prediction PNGs into a folder named after --output "
+                   "without its extension (R.json -> R/).")
 @click.option("--name", default=None, help="Row name in the results (default: the checkpoint or store).")
 @click.pass_context
 def evaluate_cmd(ctx: click.Context, config_path: str | None, dataset: str | None, data_root: str | None,
@@ -586,15 +600,12 @@ def main() -> None:
     except SkdError as exc:
         click.echo(f"error: {user_message(exc)}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        click.echo("interrupted: re-run the same command (with --resume for training) to continue", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted: re-run the same command (with --resume for training) to continue", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

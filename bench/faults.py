@@ -3,8 +3,9 @@ and check that nothing was lost or silently corrupted.
 
 Each round kills one run, either after a random delay or at a chosen point (``SKD_FAULT``, see
 ``pipeline/faults.py``: between two arrays of a shard, before a shard's done flags, between the two
-renames that swap a store into place, between writing a checkpoint and renaming it), then re-runs the
-same command (``--resume`` for training) until it finishes, and checks:
+renames that swap a store into place (those rounds replace a copy of the reference with
+``--overwrite``), between writing a checkpoint and renaming it), then re-runs the same command
+(``--resume`` for training) until it finishes, and checks:
 
 * after every kill, every image flagged done in the partial store has all its data (no NaN fill);
 * the finished store equals an uninterrupted store of the same teacher, array for array and bit for
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,7 +94,7 @@ def incomplete_done_images(partial: Path) -> int:
 
 
 def leftovers(directory: Path, stem: str) -> list[str]:
-    suffixes = (".partial", ".old", ".lock", ".tmp")
+    suffixes = (".partial", ".creating", ".old", ".lock", ".tmp")
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
                   if p.name.startswith((stem, f".{stem}", ".last.pt", ".model.pt")) and p.name.endswith(suffixes))
 
@@ -154,7 +156,11 @@ def main() -> None:
         log.flush()
         if kind == "cache":
             store = work / f"round{r}.zarr"
-            code, killed = skd(*cache_args, "--cache", str(store), fault=fault, delay=delay, log=log)
+            overwrite = []
+            if fault and fault.startswith("finalize"):  # the swap happens when a store is replaced
+                shutil.copytree(work / "reference.zarr", store)
+                overwrite = ["--overwrite"]
+            code, killed = skd(*cache_args, "--cache", str(store), *overwrite, fault=fault, delay=delay, log=log)
             row["killed"] = killed
             row["corrupt"] += incomplete_done_images(store.with_name(store.name + ".partial"))
             for _ in range(3):

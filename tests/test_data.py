@@ -209,6 +209,30 @@ def test_folder_dataset(tmp_path, as_json):
     assert len(FolderDataset(tmp_path / "f", "val")) == 1
 
 
+def test_folder_nested_sequences_with_role_suffixes(tmp_path):
+    """IDD-like layout: sequences in sub-folders, the same frame names in each, `_image`/`_label` suffixes."""
+    root = tmp_path / "idd"
+    root.mkdir()
+    (root / "classes.yaml").write_text(yaml.safe_dump({"names": ["road", "car", "sky"]}))
+    frames = {}
+    for seq, seed in (("seq1", 1), ("seq2", 2)):
+        image, label = noise_rgb(6, 8, seed), label_map(6, 8, seed % 3)
+        save(root / f"images/train/{seq}/0001_image.jpg", image)
+        save(root / f"masks/train/{seq}/0001_label.png", label)
+        frames[f"{seq}/0001"] = label
+    ds = FolderDataset(root, "train", image_suffix="_image", label_suffix="_label")
+    assert ds.ids == ["seq1/0001", "seq2/0001"]  # one frame name in two sequences: two images
+    for i, key in enumerate(ds.ids):
+        assert torch.equal(ds[i]["label"], torch.from_numpy(np.asarray(frames[key])).long())
+    # Without the suffixes nothing pairs, and the message names the label file it looked for.
+    with pytest.raises(SkdError, match=r"has no label file: looked for .*seq1/0001_image\.png"):
+        FolderDataset(root, "train")
+    (root / "masks/train/seq2/0001_label.png").unlink()
+    with pytest.raises(SkdError, match=r"images/train/seq2/0001_image\.jpg has no label file: looked for "
+                                       r".*masks/train/seq2/0001_label\.png"):
+        FolderDataset(root, "train", image_suffix="_image", label_suffix="_label")
+
+
 def test_folder_default_palette_and_ignore(tmp_path):
     root = make_folder(tmp_path / "f", {"names": ["a", "b", "c"]})
     save(root / "masks/train/a.png", label_map(5, 6, 1, {(0, 0): 255}))

@@ -221,3 +221,58 @@ def test_training_from_a_store_while_another_is_written_beside_it(setup, tmp_pat
     want = torch.load(tmp_path / "alone" / "model.pt", weights_only=True)["model"]
     assert all(torch.equal(got[k], v) for k, v in want.items())
     assert skd("cache-verify", str(beside)).returncode == 0
+
+
+def test_sigterm_or_ctrl_c_keeps_the_last_step_and_the_run_resumes(setup, tmp_path):
+    config = tmp_path / "rare-checkpoints.yaml"  # no periodic checkpoint before the signal: last.pt is its doing
+    recipe = yaml.safe_load(setup["config"].read_text())
+    recipe["train"]["checkpoint_every"] = 1000
+    config.write_text(yaml.safe_dump(recipe))
+    base = ["train-student", "--config", str(config), "--cache", str(setup["reference"]), "--losses", "pi",
+            "--iterations", "400"]
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *base, "--out", str(run)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = run / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    logged = log.read_text().count("\n") * 2  # log_every 2 in this recipe
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "--resume" in err
+    import torch
+
+    stopped_at = torch.load(run / "last.pt", weights_only=True)["iteration"]
+    assert logged <= stopped_at < 400  # the step it was on when the signal came
+    assert not (run / "model.pt").exists()
+    resumed = skd(*base, "--out", str(run), "--resume", "--iterations", "400")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (run / "model.pt").exists()
+
+
+def test_a_writer_killed_while_creating_the_store_leaves_nothing_that_blocks_a_rerun(setup, tmp_path, monkeypatch):
+    import pipeline.cache.writer as writer
+    from pipeline.data import build_dataset
+    from pipeline.train.checkpoint import model_from_checkpoint
+
+    def stopped_half_way(path, *args, **kwargs):  # as a kill during the creation leaves it: arrays missing
+        create_store(path, *args, **kwargs)
+        (Path(path) / "done" / "zarr.json").unlink()
+        raise KeyboardInterrupt
+
+    create_store = writer.create_store
+    monkeypatch.setattr(writer, "create_store", stopped_half_way)
+    out = tmp_path / "s.zarr"
+    dataset = build_dataset("synthetic", None, "train", **yaml.safe_load(setup["config"].read_text())["data"]["options"])
+    teacher, arch = model_from_checkpoint(setup["tmp"] / "t" / "model.pt")
+    info = {**arch, "weights_sha256": "0" * 64}
+    with pytest.raises(KeyboardInterrupt):
+        writer.cache_teacher(teacher, info, dataset, out, feature_pool=2, workers=0, progress=False)
+    assert out.with_name("s.zarr.partial.creating").is_dir() and not out.with_name("s.zarr.partial").exists()
+
+    monkeypatch.setattr(writer, "create_store", create_store)
+    writer.cache_teacher(teacher, info, dataset, out, feature_pool=2, workers=0, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]

@@ -488,3 +488,26 @@ def test_self_attention_identity_at_init_and_uniform_attention():
         value = attn.value(x)
         expected = x + value.mean(dim=(2, 3), keepdim=True)
         torch.testing.assert_close(attn(x), expected)
+
+
+def test_pretrained_backbone_by_torchvision_weight_name(monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    weights = torchvision.models.get_weight("ResNet18_Weights.IMAGENET1K_V1")
+    torch.manual_seed(3)
+    imagenet = torchvision.models.resnet18().state_dict()  # stands in for the download
+    monkeypatch.setattr(type(weights), "get_state_dict", lambda self, *a, **k: imagenet)
+    model = build_model("pspnet_resnet18", 5, pretrained_backbone="ResNet18_Weights.IMAGENET1K_V1")
+    assert torch.equal(model.state_dict()["layer1.0.conv1.weight"], imagenet["layer1.0.conv1.weight"])
+
+    def offline(self, *a, **k):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(type(weights), "get_state_dict", offline)
+    with pytest.raises(SkdError, match=r"cannot download ResNet18_Weights.IMAGENET1K_V1 from https://.*resnet18.*"
+                                       r"without internet, download that file elsewhere and pass its path"):
+        build_model("pspnet_resnet18", 5, pretrained_backbone="ResNet18_Weights.IMAGENET1K_V1")
+    with pytest.raises(SkdError, match="neither a file nor a torchvision weight name"):
+        build_model("pspnet_resnet18", 5, pretrained_backbone="ResNet18_Weights.NOPE")

@@ -249,11 +249,16 @@ def _open_or_create(teacher: nn.Module, teacher_info: dict[str, Any], dataset, o
     else:
         if partial.exists():
             shutil.rmtree(partial)
+        # The empty store is laid out aside and renamed: a run killed while creating it leaves no
+        # .partial without its arrays (only a .creating folder, removed by the next run).
+        creating = partial.with_name(partial.name + ".creating")
+        shutil.rmtree(creating, ignore_errors=True)
         image_hw = np.array([dataset.image_size(i) for i in range(len(dataset))], dtype=np.int32)
         provenance["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        group = create_store(partial, provenance, image_hw, teacher_info["num_classes"],
-                             teacher.feature_channels, feature_pool, levels, features=features,
-                             shard_images=shard_images)
+        create_store(creating, provenance, image_hw, teacher_info["num_classes"], teacher.feature_channels,
+                     feature_pool, levels, features=features, shard_images=shard_images)
+        os.replace(creating, partial)
+        group = zarr.open_group(str(partial), mode="r+")
     n = len(dataset)
     shard = int(group.attrs["shard_images"])
     done = group["done"][:]

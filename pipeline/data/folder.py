@@ -1,9 +1,14 @@
-"""A custom dataset in plain folders: ``<root>/images/<split>/*`` images, ``<root>/masks/<split>/*.png``
-masks paired by name, and ``<root>/classes.yaml`` (or ``classes.json``) describing the classes::
+"""A custom dataset in plain folders: ``<root>/images/<split>/**`` images, ``<root>/masks/<split>/**.png``
+single-channel masks of class ids, paired by their path relative to the split folder without the
+extension (sub-folders allowed, so names may repeat across sequences), and ``<root>/classes.yaml``
+(or ``classes.json``) describing the classes::
 
     names: [background, road, car]      # class ids 0, 1, 2 in the masks
     palette: [[0, 0, 0], [128, 64, 128], [0, 0, 142]]   # optional, RGB per class
     ignore_index: 255                    # optional, mask value meaning "not labelled"
+
+Datasets whose files carry a role suffix (``0001_image.jpg`` / ``0001_label.png``) pair them with
+the options ``image_suffix: _image`` and ``label_suffix: _label`` (``data.options`` in a config).
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ class FolderDataset(FileSegmentationDataset):
 
     name = "folder"
 
-    def __init__(self, root: str | Path, split: str = "train"):
+    def __init__(self, root: str | Path, split: str = "train", image_suffix: str = "", label_suffix: str = ""):
         root = io.require_dir(Path(root), "dataset root")
         self.class_names, self.palette, ignore, classes_file = load_classes(root)
         self.num_classes = len(self.class_names)
@@ -80,7 +85,7 @@ class FolderDataset(FileSegmentationDataset):
             )
         images = io.list_images(image_dir, recursive=True)
         masks = io.list_images(mask_dir, (".png",), recursive=True)
-        pairs = io.pair_by_stem(images, masks, image_dir, mask_dir)
+        pairs = io.pair_by_stem(images, masks, image_dir, mask_dir, image_suffix, label_suffix)
 
         lut = io.make_lut({**{i: i for i in range(self.num_classes)}, ignore: 255}, size=max(256, ignore + 1))
         allowed = f"0..{self.num_classes - 1} are classes, {ignore} is ignore"

@@ -167,31 +167,39 @@ def list_images(folder: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS, re
     return sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in extensions)
 
 
-def pair_by_stem(images: list[Path], labels: list[Path], image_dir: Path, label_dir: Path) -> list[tuple[str, Path, Path]]:
-    """Pair image and label files by their path (relative to their folders) without extension.
+def pair_by_stem(images: list[Path], labels: list[Path], image_dir: Path, label_dir: Path, image_suffix: str = "",
+                 label_suffix: str = "") -> list[tuple[str, Path, Path]]:
+    """Pair image and label files by their path (relative to their folders) without extension, and
+    without ``image_suffix``/``label_suffix`` at the end of the name (``seq1/0001_image.jpg`` pairs
+    with ``seq1/0001_label.png`` under suffixes ``_image`` and ``_label``; the id is ``seq1/0001``).
 
     Returns ``(key, image, label)`` sorted by key. Raises SkdError naming the first unpaired or
-    ambiguous file (and how many others there are), so a half-copied dataset is caught at once.
+    ambiguous file, the file it looked for, and how many others there are, so a half-copied dataset
+    is caught at once.
     """
-    def keyed(files: list[Path], root: Path, what: str) -> dict[str, Path]:
+    def keyed(files: list[Path], root: Path, what: str, suffix: str) -> dict[str, Path]:
         out: dict[str, Path] = {}
         for f in files:
             key = f.relative_to(root).with_suffix("").as_posix()
+            if suffix and key.endswith(suffix):
+                key = key[: -len(suffix)]
             if key in out:
                 raise DataError(f"two {what} files share the name {key!r}: {out[key]} and {f}")
             out[key] = f
         return out
 
-    image_by_key = keyed(images, image_dir, "image")
-    label_by_key = keyed(labels, label_dir, "label")
+    image_by_key = keyed(images, image_dir, "image", image_suffix)
+    label_by_key = keyed(labels, label_dir, "label", label_suffix)
     no_label = sorted(set(image_by_key) - set(label_by_key))
     if no_label:
         others = f" (and {len(no_label) - 1} more)" if len(no_label) > 1 else ""
-        raise DataError(f"image file {image_by_key[no_label[0]]} has no label file in {label_dir}{others}")
+        wanted = label_dir / f"{no_label[0]}{label_suffix}.png"
+        raise DataError(f"image file {image_by_key[no_label[0]]} has no label file: looked for {wanted}{others}")
     no_image = sorted(set(label_by_key) - set(image_by_key))
     if no_image:
         others = f" (and {len(no_image) - 1} more)" if len(no_image) > 1 else ""
-        raise DataError(f"label file {label_by_key[no_image[0]]} has no image file in {image_dir}{others}")
+        wanted = image_dir / f"{no_image[0]}{image_suffix}.*"
+        raise DataError(f"label file {label_by_key[no_image[0]]} has no image file: looked for {wanted}{others}")
     return [(key, image_by_key[key], label_by_key[key]) for key in sorted(image_by_key)]
 
 

@@ -129,7 +129,7 @@ def load_backbone(model: nn.Module, path: str | Path) -> LoadReport:
     backbone_keys = [k for k in model_state if not k.startswith(HEAD_PREFIXES)]
 
     mapped: dict[str, Tensor] = {}
-    for key, value in load_checkpoint_state(path).items():
+    for key, value in _backbone_state(path).items():
         if key.startswith(ignore):
             continue
         # Files saved from an skd model already carry the prefix.
@@ -143,6 +143,27 @@ def load_backbone(model: nn.Module, path: str | Path) -> LoadReport:
     model.load_state_dict(selected, strict=False)
     missing = [k for k in backbone_keys if k not in selected and _counts_as_missing(k)]
     return LoadReport(missing=missing, unexpected=unexpected)
+
+
+def _backbone_state(source: str | Path) -> dict[str, Tensor]:
+    """An ImageNet state_dict from a file, or from torchvision's weight name (e.g.
+    ``ResNet18_Weights.IMAGENET1K_V1``, ``MobileNet_V2_Weights.DEFAULT``), downloaded once into
+    torch's hub cache."""
+    name = str(source)
+    if Path(name).exists() or "_Weights." not in name:
+        return load_checkpoint_state(source)
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_weight(name)
+    except (ValueError, KeyError, AttributeError):
+        raise SkdError(f"--pretrained-backbone {name}: neither a file nor a torchvision weight name "
+                       "(e.g. ResNet18_Weights.IMAGENET1K_V1, MobileNet_V2_Weights.IMAGENET1K_V1)") from None
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as exc:  # URLError, HTTPError, timeouts, a proxy's answer...
+        raise SkdError(f"cannot download {name} from {weights.url} ({type(exc).__name__}: {exc}): on a machine "
+                       "without internet, download that file elsewhere and pass its path") from None
 
 
 def load_pretrained_backbone(model: nn.Module, path: str | Path) -> LoadReport:

@@ -8,10 +8,13 @@ after that the code is the same.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -372,14 +375,19 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(public_config(self.cfg), indent=2))
-        log_file = open(self.out / "log.jsonl", "a") if main else None
+        # A resumed run continues its log; a new one (in a folder without a checkpoint: a run stopped
+        # before its first, or a failed start) begins a fresh one.
+        log_file = open(self.out / "log.jsonl", "a" if self.iteration else "w") if main else None
         from tqdm import tqdm
 
         budget = self.progress.budget_s
         bar = tqdm(total=None if budget else t.iterations, initial=self.iteration, desc="train", unit="it",
                    disable=not self.show_progress)
         started, window = time.perf_counter(), []
-        try:
+        with _stop_requests() as stop, contextlib.ExitStack() as cleanup:
+            cleanup.callback(bar.close)
+            if log_file is not None:
+                cleanup.callback(log_file.close)
             last = time.perf_counter()
             for batch in self.batches():
                 if self.finished():
@@ -412,18 +420,34 @@ class Trainer:
                     if not self.show_progress and main:
                         log.info("it %d/%s  %s", self.iteration, "-" if budget else t.iterations,
                                  "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "iteration"))
-                if self.iteration % t.checkpoint_every == 0 or done:
+                if self.iteration % t.checkpoint_every == 0 or done or stop:  # stop: Ctrl-C or SIGTERM
                     self.save()
-        finally:
-            bar.close()
-            if log_file is not None:
-                log_file.close()
+                if stop and not done:
+                    log.warning("stopped by a signal at iteration %d; %s holds it: re-run with --resume to continue",
+                                self.iteration, self.out / "last.pt")
+                    raise KeyboardInterrupt
         final = self.out / "model.pt"
         if main:
             save_checkpoint(final, {"arch": self.arch(), "model": self.student.state_dict()})
         distributed.barrier()  # no rank returns before model.pt exists
         log.info("trained %s in %.0f s -> %s", self.cfg.model.name, time.perf_counter() - started, final)
         return final
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[list[int]]:
+    """While training, SIGINT (Ctrl-C) and SIGTERM (a scheduler's stop) ask the loop to stop after
+    the current step, with a checkpoint of it, instead of losing every step since the last one."""
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield requested
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: requested.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def public_config(cfg: Config) -> dict:
