@@ -97,6 +97,9 @@ def train_options(f):
         click.option("--val-every", type=int, default=None,
                      help="Every N iterations and at the end, log the val split's mIoU and keep the best model "
                           "in OUT/best.pt. [default: 0, no validation]"),
+        click.option("--tensorboard/--no-tensorboard", default=None,
+                     help="Also write the log as TensorBoard scalars in OUT/tensorboard (needs tensorboard). "
+                          "[default: off]"),
         click.option("--seed", type=int, default=None, help="[default: 0]"),
         click.option("--device", default=None, help="auto, cpu, cuda, cuda:1 ... [default: auto]"),
         click.option("--out", type=click.Path(), default=None, help="Run folder for checkpoints and logs."),
@@ -133,7 +136,7 @@ def common_train_updates(kw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "data": {"dataset": kw["dataset"], "root": kw["data_root"], "crop_size": parse_hw(kw["crop_size"]),
                  "scale_range": parse_floats(kw["scale_range"]), "flip": kw["flip"], "workers": kw["workers"]},
         "model": {"name": kw["model"], "width": kw["width"], "pretrained_backbone": kw["pretrained_backbone"]},
-        "train": {"iterations": kw["iterations"], "budget_minutes": kw["budget_minutes"], "batch_size": kw["batch_size"], "lr": kw["lr"], "seed": kw["seed"], "sync_bn": kw["sync_bn"], "val_every": kw["val_every"],
+        "train": {"iterations": kw["iterations"], "budget_minutes": kw["budget_minutes"], "batch_size": kw["batch_size"], "lr": kw["lr"], "seed": kw["seed"], "sync_bn": kw["sync_bn"], "val_every": kw["val_every"], "tensorboard": kw["tensorboard"],
                   "device": kw["device"], "out": kw["out"]},
     }
 
@@ -324,6 +327,10 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
 @click.option("--flip", is_flag=True, help="Also average the horizontally flipped image.")
 @click.option("--window", default=None, help="Sliding-window inference with HxW windows (two-thirds stride). [default: whole image]")
 @click.option("--device", default="auto", help="auto, cpu, cuda ...")
+@click.option("--batch-size", type=int, default=8, help="Images per forward pass (one at a time when sizes differ).")
+@click.option("--workers", type=int, default=2, help="DataLoader worker processes reading the images.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32",
+              help="Run the model in float32 or under bfloat16 autocast (faster on GPUs).")
 @click.option("--output", type=click.Path(), default=None, help="Write the results as JSON here.")
 @click.option("--save-images", type=int, default=0, help="Save this many coloured image | truth | prediction PNGs into a folder named after --output "
                    "without its extension (R.json -> R/).")
@@ -331,7 +338,8 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
 @click.pass_context
 def evaluate_cmd(ctx: click.Context, config_path: str | None, dataset: str | None, data_root: str | None,
                  checkpoint: str | None, cache: str | None, split: str, scales: str, flip: bool, window: str | None, device: str,
-                 output: str | None, save_images: int, name: str | None) -> None:
+                 batch_size: int, workers: int, precision: str, output: str | None, save_images: int,
+                 name: str | None) -> None:
     """mIoU, pixel accuracy and per-class IoU of a checkpoint or of a teacher cache (--cache).
 
     Single scale, whole image, no flip by default. Prints a table; --output writes JSON and, beside
@@ -357,8 +365,9 @@ def evaluate_cmd(ctx: click.Context, config_path: str | None, dataset: str | Non
         if arch["num_classes"] != ds.num_classes:
             raise SkdError(f"{checkpoint} predicts {arch['num_classes']} classes, {cfg.data.dataset} has {ds.num_classes}")
         cm = evaluate_model(model, ds, resolve_device(device), scales=parse_floats(scales), flip=flip,
-                            window=tuple(parse_hw(window)) if window else None,
-                            progress=progress, save_dir=save_dir, save_images=save_images)
+                            window=tuple(parse_hw(window)) if window else None, progress=progress,
+                            save_dir=save_dir, save_images=save_images, batch_size=batch_size, workers=workers,
+                            precision=precision)
         # The paper's tables put the model's cost next to its mIoU (single scale, the first image's size).
         size = tuple(int(v) for v in ds.image_size(0))
         source = {"checkpoint": checkpoint, "arch": arch, "parameters": sum(p.numel() for p in model.parameters()),
@@ -367,7 +376,8 @@ def evaluate_cmd(ctx: click.Context, config_path: str | None, dataset: str | Non
         cm = evaluate_cache(TeacherStore(cache), ds, progress=progress, save_dir=save_dir, save_images=save_images)
         source = {"cache": redact(cache)}
     report = {"name": name or checkpoint or redact(cache), **source, "dataset": cfg.data.dataset, "split": split,
-              "scales": parse_floats(scales), "flip": flip, "window": parse_hw(window), **evaluation_report(cm, ds.class_names)}
+              "scales": parse_floats(scales), "flip": flip, "window": parse_hw(window),
+              "precision": precision if checkpoint else None, **evaluation_report(cm, ds.class_names)}
     rows = [{"class": c, "IoU": "n/a" if v is None else f"{100 * v:.2f}"} for c, v in report["per_class_iou"].items()]
     click.echo(format_table(rows, ["class", "IoU"]))
     cost = (f"  {report['parameters'] / 1e6:.2f} M parameters, {report['gflops_per_image']:.1f} GFLOPs per "
@@ -434,7 +444,7 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], checkpoint: str, ou
 @click.option("--checkpoint", type=click.Path(), required=True, help="Model checkpoint (skd's model.pt).")
 @click.option("--format", "fmt", type=click.Choice(["torchscript", "pt2", "onnx"]), default="torchscript",
               help="torchscript (torch.jit), pt2 (torch.export) or onnx (needs onnx + onnxscript). [default: torchscript]")
-@click.option("--size", default="512x1024", help="Input HxW the model is exported (and checked) at. [default: 512x1024]")
+@click.option("--size", default="512x1024", help="Input HxW the model is exported (and checked) at.")
 @click.option("--check-image", type=click.Path(), default=None,
               help="Image to check the export on (resized to --size). [default: a synthetic street scene]")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="File to write.")
@@ -469,8 +479,8 @@ def export_cmd(checkpoint: str, fmt: str, size: str, check_image: str | None, ou
 
 @cli.command("profile")
 @click.option("--checkpoint", type=click.Path(), required=True, help="Model checkpoint (skd's model.pt or last.pt).")
-@click.option("--size", default="512x1024", help="Input HxW. [default: 512x1024]")
-@click.option("--batch-sizes", default="1,8", help="Batch sizes to time. [default: 1,8]")
+@click.option("--size", default="512x1024", help="Input HxW.")
+@click.option("--batch-sizes", default="1,8", help="Batch sizes to time.")
 @click.option("--device", default="auto", help="auto, cpu, cuda ...")
 @click.option("--output", type=click.Path(), default=None, help="Write the numbers as JSON here.")
 def profile(checkpoint: str, size: str, batch_sizes: str, device: str, output: str | None) -> None:

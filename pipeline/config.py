@@ -110,6 +110,7 @@ class TrainConfig:
     # Every this many iterations (and at the end), the val split's mIoU (single scale, whole image)
     # goes into log.jsonl and the best model so far into best.pt; 0 = no validation.
     val_every: int = 0
+    tensorboard: bool = False  # also write every log record as TensorBoard scalars in OUT/tensorboard/
     out: str = "runs/train"
 
 

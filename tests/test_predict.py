@@ -72,3 +72,18 @@ def test_predict_on_a_real_camvid_image(tmp_path):
                            progress=False)
     label = np.asarray(Image.open(labels[0]))
     assert label.shape == (360, 480) and label.max() < 11
+
+
+def test_batched_evaluation_with_workers_equals_one_image_at_a_time(tmp_path):
+    from pipeline.data import build_dataset
+    from pipeline.evaluate import evaluate_model
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("pspnet_resnet18", 8, width=0.125).eval()
+    val = build_dataset("synthetic", None, "val", size=[32, 48], length=10)
+    one = evaluate_model(model, val, batch_size=1, progress=False)
+    batched = evaluate_model(model, val, batch_size=4, workers=2, progress=False)  # batches of 4, 4 and 2
+    assert one.matrix.sum() == batched.matrix.sum() == 10 * 32 * 48 - sum(int((val[i]["label"] == 255).sum()) for i in range(10))
+    # The same predictions up to float noise in batched convolutions: at most a pixel or two apart.
+    assert (one.matrix - batched.matrix).abs().sum().item() <= 4

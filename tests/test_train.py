@@ -163,6 +163,19 @@ def test_validation_logs_the_val_miou_and_keeps_the_best_model(tiny_config, tmp_
     assert float(evaluate_model(last, val, progress=False).miou()) == pytest.approx(logged[-1]["val_miou"], abs=1e-9)
 
 
+def test_tensorboard_events_hold_the_logged_values(tiny_config, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(make_config(tiny_config, out, train={"val_every": 2, "tensorboard": True}), progress=False)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    logged = read_log(out)
+    task = [(e.step, e.value) for e in events.Scalars("train/task")]
+    assert task == [(r["iteration"], pytest.approx(r["task"], rel=1e-6)) for r in logged]
+    assert [e.value for e in events.Scalars("val_miou")] == pytest.approx([r["val_miou"] for r in logged], rel=1e-6)
+
+
 # -- failures ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("term", ["pi", "pa"])

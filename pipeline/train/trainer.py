@@ -388,6 +388,7 @@ class Trainer:
             cleanup.callback(bar.close)
             if log_file is not None:
                 cleanup.callback(log_file.close)
+            board = cleanup.enter_context(_tensorboard(self.out / "tensorboard")) if t.tensorboard and main else None
             last = time.perf_counter()
             for batch in self.batches():
                 if self.finished():
@@ -415,6 +416,11 @@ class Trainer:
                     if main:
                         log_file.write(json.dumps(record) + "\n")
                         log_file.flush()
+                    if board is not None:
+                        for name, value in record.items():
+                            if name != "iteration":
+                                board.add_scalar(name if name.startswith(("val_", "best_")) else f"train/{name}",
+                                                 value, self.iteration)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
                                      if k not in ("iteration", "lr", "step_s", "elapsed_s") and not k.startswith("grad_")})
                     if not self.show_progress and main:
@@ -432,6 +438,21 @@ class Trainer:
         distributed.barrier()  # no rank returns before model.pt exists
         log.info("trained %s in %.0f s -> %s", self.cfg.model.name, time.perf_counter() - started, final)
         return final
+
+
+@contextlib.contextmanager
+def _tensorboard(folder: Path) -> Iterator:
+    """A TensorBoard SummaryWriter (the tensorboard package, pip install 'skd[tensorboard]')."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SkdError("train.tensorboard (--tensorboard) needs the tensorboard package: "
+                       "pip install 'skd[tensorboard]' (or pip install tensorboard)") from None
+    writer = SummaryWriter(str(folder))
+    try:
+        yield writer
+    finally:
+        writer.close()
 
 
 @contextlib.contextmanager
