@@ -443,7 +443,7 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], checkpoint: str, ou
 @cli.command("export")
 @click.option("--checkpoint", type=click.Path(), required=True, help="Model checkpoint (skd's model.pt).")
 @click.option("--format", "fmt", type=click.Choice(["torchscript", "pt2", "onnx"]), default="torchscript",
-              help="torchscript (torch.jit), pt2 (torch.export) or onnx (needs onnx + onnxscript). [default: torchscript]")
+              help="torchscript (torch.jit), pt2 (torch.export) or onnx (needs onnx + onnxscript; batch dynamic, height and width fixed at --size).")
 @click.option("--size", default="512x1024", help="Input HxW the model is exported (and checked) at.")
 @click.option("--check-image", type=click.Path(), default=None,
               help="Image to check the export on (resized to --size). [default: a synthetic street scene]")

@@ -60,3 +60,29 @@ def test_skd_export_reports_its_check(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "argmax agreement 100.000 %" in result.stdout and (tmp_path / "s.ts").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None,
+                    reason="ONNX export needs onnx and onnxscript, its check onnxruntime: pip install onnx onnxscript "
+                           "onnxruntime")
+def test_onnx_export_runs_in_onnxruntime_like_pytorch(tmp_path):
+    import onnxruntime
+
+    torch.manual_seed(0)
+    model = build_model(**ARCH).eval()
+    path = export_model(model, "onnx", (96, 128), tmp_path / "student.onnx")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    images = torch.cat([real_or_synthetic_image((96, 128)), torch.randn(2, 3, 96, 128)])  # batch is dynamic
+    (ours,) = session.run(None, {name: images.numpy()})
+    with torch.no_grad():
+        reference = model(images).logits
+    assert ours.shape == tuple(reference.shape)
+    assert (torch.from_numpy(ours).argmax(1) == reference.argmax(1)).float().mean().item() >= 0.999
+    assert float((torch.from_numpy(ours) - reference).abs().max()) < 1e-3
+    # Height and width are fixed (the pyramid pooling's bins are laid out for them): another size
+    # is refused by the runtime rather than answered wrongly.
+    with pytest.raises(Exception, match="invalid dimensions"):
+        session.run(None, {name: torch.randn(1, 3, 120, 160).numpy()})
+    check = check_export(path, "onnx", model, real_or_synthetic_image((96, 128)))
+    assert check["checked"] and check["argmax_agreement"] >= 0.999
