@@ -32,9 +32,9 @@ def default_cache(dataset: str, split: str = "train", root: str | None = None) -
     return f"./data/{name}.zarr" if split == "train" else f"./data/{name}-{split}.zarr"
 
 
-def run_folder(cfg: Config, command_default: str) -> None:
+def run_folder(cfg: Config, out: str | None, command_default: str) -> None:
     """--out, else the config's train.out, else the command's own default."""
-    if cfg.train.out == TrainConfig.out:
+    if out is None and cfg.train.out == TrainConfig.out:
         cfg.train.out = command_default
 
 
@@ -174,7 +174,7 @@ def train_teacher(ctx: click.Context, config_path: str | None, resume: bool, **k
     updates = common_train_updates(kw)
     updates["train"]["out"] = kw["out"]
     cfg = build_config(config_path, **updates)
-    run_folder(cfg, "runs/teacher")
+    run_folder(cfg, kw["out"], "runs/teacher")
     cfg.distill.losses = []
     with distributed_run(ctx, cfg.train.device) as main:
         path = train(cfg, resume=resume, progress=ctx.obj["progress"])
@@ -228,7 +228,7 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
     cfg = build_config(config_path, **updates)
     if (cfg.distill.losses or cfg.distill.pseudo_labels) and not cfg.distill.teacher and not cfg.distill.cache:
         cfg.distill.cache = default_cache(cfg.data.dataset, cfg.data.train_split, cfg.data.root)
-    run_folder(cfg, "runs/student")
+    run_folder(cfg, kw["out"], "runs/student")
     with distributed_run(ctx, cfg.train.device) as main:
         path = train(cfg, resume=resume, progress=ctx.obj["progress"])
     if main:

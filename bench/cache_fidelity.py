@@ -7,6 +7,9 @@ and 4, and argmax agreement.
 
     python bench/cache_fidelity.py --cache data/camvid-val.zarr --teacher runs/camvid-teacher/model.pt \\
         --dataset camvid --data-root ../shared/data/camvid --split val --output docs/results/cache_camvid.json
+    # Cityscapes-size scenes (synthetic, 1024x2048), with a store cached from them:
+    python bench/cache_fidelity.py --cache cs-val.zarr --teacher T.pt --dataset synthetic \\
+        --options '{"size": [1024, 2048], "length": 8}' --output cache_cityscapes_size.json
 """
 
 from __future__ import annotations
@@ -38,13 +41,15 @@ def main() -> None:
     p.add_argument("--dataset", default="camvid")
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", default="val")
+    p.add_argument("--options", default="{}",
+                   help='dataset options as JSON, e.g. \'{"size": [1024, 2048], "length": 8}\' for synthetic scenes')
     p.add_argument("--device", default="auto")
     p.add_argument("--output", default=None)
     args = p.parse_args()
 
     device = resolve_device(args.device)
     store = TeacherStore(args.cache)
-    dataset = build_dataset(args.dataset, args.data_root, args.split)
+    dataset = build_dataset(args.dataset, args.data_root, args.split, **json.loads(args.options))
     store.check_matches(dataset)
     teacher, _ = model_from_checkpoint(args.teacher)
     teacher.to(device).eval()

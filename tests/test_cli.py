@@ -317,3 +317,18 @@ def test_train_student_help_shows_the_measured_defaults():
     assert "[default: 1]" in text.split("--temperature", 1)[1].split("--lambda-pa")[0]
     assert "[default: 0.5]" in text.split("--lambda-pa", 1)[1].split("--lambda-ho")[0]
     assert "[default: pi,pa,ho]" in text.split("--losses", 1)[1].split("--lambda-pi")[0]
+
+
+def test_the_run_folder_comes_from_out_then_the_config_then_the_command(tmp_path, monkeypatch):
+    import pipeline.train.trainer as trainer
+
+    seen = []
+    monkeypatch.setattr(trainer, "train", lambda cfg, **kw: seen.append(cfg.train.out) or Path(cfg.train.out) / "model.pt")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"train": {"out": "runs/from-config"}}))
+    runner = CliRunner()
+    for args, want in ((["train-teacher"], "runs/teacher"), (["train-teacher", "--config", str(config)], "runs/from-config"),
+                       (["train-teacher", "--config", str(config), "--out", "runs/train"], "runs/train")):
+        result = runner.invoke(skd.cli, args)
+        assert result.exit_code == 0, result.output
+        assert seen[-1] == want
