@@ -593,22 +593,11 @@ def plot_cmd(runs: tuple[str, ...], out: str) -> None:
     click.echo(f"{len(runs)} run(s), {len(panels)} panels ({', '.join(panels)}) -> {out}")
 
 
-def user_message(exc: SkdError) -> str:
-    """The error's one line. An error raised in a DataLoader worker comes back wrapped in the worker's
-    traceback ("Caught SkdError in DataLoader worker process 0. Original Traceback ..."), whose last
-    line holds the message."""
-    text = str(exc)
-    if text.startswith("Caught ") and "Original Traceback" in text:
-        last = text.strip().splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return text
-
-
 def main() -> None:
     try:
         cli.main(standalone_mode=False, prog_name="skd")
     except SkdError as exc:
-        click.echo(f"error: {user_message(exc)}", err=True)
+        click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         click.echo("interrupted: re-run the same command (with --resume for training) to continue", err=True)

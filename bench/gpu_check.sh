@@ -3,7 +3,8 @@
 #   1. torchrun --nproc_per_node 1: the NCCL process group, the DDP student and the rank logic of
 #      cache-teacher start and finish (train-teacher, cache-teacher, train-student pi,pa,ho);
 #   2. step time at Cityscapes scale (R18 x1.0 student, 512x512 crops of 1024x2048 images, batch 8,
-#      bf16 student, R101 teacher): student only vs cached vs online pi,pa,ho, and a profiler table;
+#      bf16 student, R101 teacher): student only vs cached vs online pi,pa,ho (LOSSES="pi pi,pa pi,pa,ho"
+#      for all three loss sets, ~2 more minutes), and a profiler table;
 #   3. cache-writing throughput at 1024x2048, teacher alone vs cache-teacher, fp32 and bf16.
 #
 #   bench/gpu_check.sh RESULTS
@@ -20,6 +21,8 @@ RESULTS=${1:?usage: bench/gpu_check.sh RESULTS}
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda} SIZE=${SIZE:-1024x2048} CROP=${CROP:-512x512} TEACHER=${TEACHER:-pspnet_resnet101} WIDTH=${WIDTH:-1}
+LOSS_ARGS=()
+for set in ${LOSSES:-pi,pa,ho}; do LOSS_ARGS+=(--losses "$set"); done
 WORK=$(mktemp -d)
 step() {  # step NAME SECONDS COMMAND...: run under a time limit, log its output and status
   local name=$1 limit=$2 start=$SECONDS
@@ -36,7 +39,7 @@ step torchrun_cache 90 "${TORCHRUN[@]}" cache-teacher --dataset synthetic --teac
 step torchrun_student 90 "${TORCHRUN[@]}" train-student --dataset synthetic --cache "$WORK/synthetic.zarr" --losses pi,pa,ho \
   --width 0.25 --iterations 20 --batch-size 4 --device "$DEVICE" --out "$WORK/student"
 step step_time 150 $PY bench/step_time.py --size "$SIZE" --crop "$CROP" --student-width "$WIDTH" --teacher-arch "$TEACHER" \
-  --teacher-width "$WIDTH" --workers 12 --device "$DEVICE" --warmup 3 --iterations 12 --losses pi,pa,ho \
+  --teacher-width "$WIDTH" --workers 12 --device "$DEVICE" --warmup 3 --iterations 12 "${LOSS_ARGS[@]}" \
   --profile "$RESULTS/step_profile_gpu.txt" --output "$RESULTS/step_time_gpu.json"
 for precision in fp32 bf16; do
   step "cache_throughput_$precision" 60 $PY bench/cache_throughput.py --size "$SIZE" --teacher-arch "$TEACHER" \

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 from PIL import Image
@@ -23,6 +24,7 @@ from PIL import Image
 import cli as skd
 from conftest import CAMVID, TINY_DATA
 from pipeline.cache.store import TeacherStore
+from pipeline.errors import SkdError
 from pipeline.train.checkpoint import model_from_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -332,3 +334,19 @@ def test_the_run_folder_comes_from_out_then_the_config_then_the_command(tmp_path
         result = runner.invoke(skd.cli, args)
         assert result.exit_code == 0, result.output
         assert seen[-1] == want
+
+
+class _Broken(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise SkdError(f"store s.zarr: log_probs of image 'im{i}' (#{i}) cannot be read")
+
+
+def test_an_error_raised_in_a_loader_worker_keeps_its_one_line():
+    """PyTorch re-raises a worker's exception with the worker's traceback as its message; skd's keeps one line."""
+    loader = torch.utils.data.DataLoader(_Broken(), num_workers=1)
+    with pytest.raises(SkdError) as caught:
+        next(iter(loader))
+    assert str(caught.value) == "store s.zarr: log_probs of image 'im0' (#0) cannot be read"

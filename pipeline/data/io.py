@@ -26,22 +26,8 @@ _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class DataError(SkdError):
-    """A problem with a dataset file, raised where the file is read: often in a DataLoader worker process.
-
-    PyTorch re-raises a worker's exception in the main process as ``DataError("Caught DataError in
-    DataLoader worker process 0.\nOriginal Traceback ...")``, the worker's whole traceback as the
-    message. The constructor keeps only the original message (the traceback's last line), so the user
-    sees the same one-line error with worker processes as without.
-    """
-
-    def __init__(self, message: str = "") -> None:
-        name = type(self).__name__
-        if isinstance(message, str) and message.startswith(f"Caught {name} ") and "\nOriginal Traceback" in message:
-            last = message.rstrip().rsplit("\n", 1)[-1]
-            _, found, original = last.partition(f"{name}: ")
-            if found:
-                message = original
-        super().__init__(message)
+    """A problem with a dataset file, raised where the file is read (often in a DataLoader worker:
+    SkdError keeps such an error to its one line)."""
 
 
 def _open_decoded(path: Path, what: str) -> Image.Image:
