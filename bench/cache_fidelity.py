@@ -20,8 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+import zarr
+from zarr.codecs import ZstdCodec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,6 +35,15 @@ from pipeline.data.transforms import normalize  # noqa: E402
 from pipeline.distill.losses import pairwise_loss  # noqa: E402
 from pipeline.train.checkpoint import model_from_checkpoint  # noqa: E402
 from pipeline.device import resolve_device  # noqa: E402
+
+
+def format1_bytes(features: np.ndarray) -> int:
+    """Bytes of one image's (F, h, w) features as format 1 stored them: float16, zstd level 3."""
+    store = zarr.storage.MemoryStore()
+    array = zarr.create_array(store, shape=features.shape, chunks=features.shape, dtype="float16",
+                              compressors=[ZstdCodec(level=3)], fill_value=0)
+    array[:] = features.astype(np.float16)
+    return sum(len(v.to_bytes()) for k, v in store._store_dict.items() if not k.endswith("zarr.json"))
 
 
 def main() -> None:
@@ -56,7 +68,7 @@ def main() -> None:
     pre = store.attrs["preprocessing"]
     kl = {1.0: 0.0, 4.0: 0.0}
     agree = pixels = 0
-    raw_logits = raw_features = 0
+    raw_logits = raw_features = format1_features = 0
     pa_errors: dict[tuple[int, int], list[float]] = {}
     for i in range(len(dataset)):
         image = normalize(dataset[i]["image"].to(device))[None]
@@ -73,12 +85,13 @@ def main() -> None:
         pool = store.feature_pool
         exact = F.max_pool2d(features, pool, pool, ceil_mode=True)
         raw_features += exact.numel() * 4
+        format1_features += format1_bytes(exact[0].cpu().numpy())
         if store.has_features:
             # The pair-wise loss against a (random) student, from decoded vs exact teacher features,
             # for nodes of 1 and 2 stored cells and of a quarter and half of the map.
             fh, fw = exact.shape[-2:]
             decoded = torch.from_numpy(store.group["features"][i][None]).to(device)[..., :fh, :fw]
-            decoded = decoded * float(store.feature_scale[i]) + float(store.feature_offset[i])
+            decoded = decoded * torch.from_numpy(store.feature_scale[i])[:, None, None] + torch.from_numpy(store.feature_offset[i])[:, None, None]
             student = torch.randn(1, 32, fh, fw, generator=torch.Generator().manual_seed(i)).to(device)
             for node in ((1, 1), (2, 2), (max(1, fh // 4), max(1, fw // 4)), (max(1, fh // 2), max(1, fw // 2))):
                 want = pairwise_loss(student, exact, node).item()
@@ -90,7 +103,11 @@ def main() -> None:
         "device": str(device), "images": n, "codecs": store.attrs["codecs"],
         "format_version": store.version,
         "logits_bytes_per_image": store.bytes_on_disk(store.level_arrays[1.0]) / n,
-        "features_bytes_per_image": store.bytes_on_disk("features") / n if store.has_features else 0,
+        # The features with their per-channel scales and offsets.
+        "features_bytes_per_image": sum(store.bytes_on_disk(name) for name in ("features", "feature_scale", "feature_offset")
+                                        if name in store.group.array_keys()) / n,
+        # Format 1's codec (float16, zstd level 3, one chunk per image) on the same exact features.
+        "format1_features_bytes_per_image": format1_features / n,
         "raw_float32_logits_bytes_per_image": raw_logits / n,
         "raw_float32_features_bytes_per_image": raw_features / n,
         "mean_kl_T1": kl[1.0] / pixels, "mean_kl_T4": kl[4.0] / pixels, "argmax_agreement": agree / pixels,

@@ -227,7 +227,7 @@ def test_resume_after_kill(tmp_path, teacher_ckpt):
     # (the arrays' fill value is NaN, so a missing chunk would show).
     for index in np.flatnonzero(done):
         assert np.isfinite(killed["log_probs"][index]).all() and np.isfinite(killed["features"][index]).all(), index
-        assert np.isfinite(killed["feature_scale"][index])
+        assert np.isfinite(killed["feature_scale"][index]).all()
 
     # A different teacher must not be mixed into the partial store.
     other = make_teacher(tmp_path / "other.pt", seed=1)
@@ -411,12 +411,12 @@ class StrideEightTeacher(torch.nn.Module):
 
     feature_channels = 4
 
-    def __init__(self, feature_gain: float = 1.0):
+    def __init__(self, feature_gain: float | list[float] = 1.0):
         super().__init__()
         torch.manual_seed(0)
         self.classifier = torch.nn.Conv2d(3, 8, 1)
         self.embed = torch.nn.Conv2d(3, self.feature_channels, 1)
-        self.feature_gain = feature_gain
+        self.feature_gain = torch.tensor(feature_gain).reshape(-1, 1, 1)  # one, or one per channel
 
     def forward(self, x):
         from pipeline.models.outputs import SegOutput
@@ -472,8 +472,9 @@ def test_cache_teacher_with_windows_and_levels_records_them(tmp_path, val_set):
 
 
 def test_huge_features_are_stored_scaled_and_replay_exactly(tmp_path, val_set):
-    # Features of 1e6 (a randomly initialised ResNet-101 reaches 8e5): beyond float16's 65504.
-    teacher = StrideEightTeacher(feature_gain=1e6).eval()
+    # Features of 1e6 (a randomly initialised ResNet-101 reaches 8e5): beyond float16's 65504. The
+    # other channels are far smaller: each keeps 8 bits of its own range, not of the largest one's.
+    teacher = StrideEightTeacher(feature_gain=[1e6, 1.0, 1e-2, 1e3]).eval()
     info = {"name": "stride8", "num_classes": 8, "weights_sha256": "0" * 64}
     store = TeacherStore(cache_teacher(teacher, info, val_set, tmp_path / "big.zarr", batch_size=2, feature_pool=1,
                                        workers=0, progress=False))
@@ -482,9 +483,10 @@ def test_huge_features_are_stored_scaled_and_replay_exactly(tmp_path, val_set):
     images = normalize(torch.stack([val_set[i]["image"] for i in range(LENGTH)]))
     exact = predict(teacher, images)[1].numpy()
     assert np.abs(exact).max() > 65504
-    restored = stored * store.feature_scale[:, None, None, None] + store.feature_offset[:, None, None, None]
-    # 8 bits: within half a step (1/510) of each image's feature range.
-    half_step = (exact.max(axis=(1, 2, 3)) - exact.min(axis=(1, 2, 3)))[:, None, None, None] / 510
+    assert store.feature_scale.shape == (LENGTH, exact.shape[1])
+    restored = stored * store.feature_scale[:, :, None, None] + store.feature_offset[:, :, None, None]
+    # 8 bits: within half a step (1/510) of each channel's range in its image.
+    half_step = (exact.max(axis=(2, 3)) - exact.min(axis=(2, 3)))[:, :, None, None] / 510
     assert (np.abs(restored - exact) <= half_step * 1.01).all()
     # Replay hands the trainer the teacher's own values.
     batch = collate([TrainingSamples(val_set, AugmentConfig(), store)[i] for i in range(2)])

@@ -315,7 +315,8 @@ def test_a_format_1_store_still_trains_and_evaluates(tmp_path: Path):
     store.check_matches(dataset)
     # At scale 1 the replayed features are the stored ones times their scale (format 1 had no offset).
     item = collate([TrainingSamples(dataset, AugmentConfig(), store)[0]])
-    stored = store.group["features"][0].astype(np.float32) * store.feature_scale[0]
+    assert store.feature_scale.shape == (len(store.ids), 1)  # one per image, as a channel axis of 1
+    stored = store.group["features"][0].astype(np.float32) * store.feature_scale[0][:, None, None]
     torch.testing.assert_close(replay_targets(item, (2, 3))[1][0], torch.from_numpy(stored), atol=1e-3, rtol=1e-3)
 
     cfg = merge(Config(), {

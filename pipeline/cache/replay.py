@@ -107,8 +107,8 @@ class TrainingSamples(torch.utils.data.Dataset):
             pool = self.store.feature_pool
             targets["teacher_features"] = torch.from_numpy(features)
             targets["feature_box"] = targets["logit_box"] / pool
-            targets["feature_scale"] = torch.tensor(float(self.store.view_feature_scale[index, view]))
-            targets["feature_offset"] = torch.tensor(float(self.store.view_feature_offset[index, view]))
+            targets["feature_scale"] = torch.from_numpy(self.store.view_feature_scale[index, view])
+            targets["feature_offset"] = torch.from_numpy(self.store.view_feature_offset[index, view])
         return targets
 
     def _cached_targets(self, index: int, image_hw: tuple[int, int], box: torch.Tensor, scale: float) -> dict:
@@ -132,8 +132,8 @@ class TrainingSamples(torch.utils.data.Dataset):
             offset = torch.tensor([cols.start, rows.start, cols.start, rows.start], dtype=torch.float64)
             targets["teacher_features"] = torch.from_numpy(self.store.read_features(index, (rows, cols)))
             targets["feature_box"] = (box / OUTPUT_STRIDE - offset) / pool
-            targets["feature_scale"] = torch.tensor(float(self.store.feature_scale[index]))
-            targets["feature_offset"] = torch.tensor(float(self.store.feature_offset[index]))
+            targets["feature_scale"] = torch.from_numpy(self.store.feature_scale[index])
+            targets["feature_offset"] = torch.from_numpy(self.store.feature_offset[index])
         return targets
 
 
@@ -180,6 +180,6 @@ def replay_targets(batch: dict, out_hw: tuple[int, int]) -> tuple[torch.Tensor, 
     if "teacher_features" not in batch:
         return logits, None
     features = replay(batch["teacher_features"], batch["feature_box"], out_hw, batch["flip"])
-    # Stored features are a per-image affine map of the teacher's; interpolation commutes with it.
-    scale, offset = (batch[key].to(features.device).view(-1, 1, 1, 1) for key in ("feature_scale", "feature_offset"))
+    # Stored features are a per-channel affine map of the teacher's; interpolation commutes with it.
+    scale, offset = (batch[key].to(features.device)[..., None, None] for key in ("feature_scale", "feature_offset"))
     return logits, features * scale + offset

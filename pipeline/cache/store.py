@@ -7,13 +7,14 @@ Layout, format 2 (opens with plain ``zarr.open_group``; zarr decodes every array
     log_probs  (N, C, h, w)  teacher log-probabilities at output stride 8, clipped at -16, 8-bit codes
     log_probs_x<s> (N, C, hs, ws)  optional extra levels: the teacher run on the image resized by s
                (attribute ``logit_levels``); replay reads the level nearest a crop's scale
-    features   (N, F, hf, wf)  PSP features max-pooled by ``feature_pool``, mapped per image onto
-               [0, 1], 8-bit codes (absent with ``features: false``)
-    feature_scale, feature_offset (N,)  features x scale + offset = the teacher's features
+    features   (N, F, hf, wf)  PSP features max-pooled by ``feature_pool``, mapped per image and
+               channel onto [0, 1], 8-bit codes (absent with ``features: false``)
+    feature_scale, feature_offset (N, F)  features x scale + offset = the teacher's features
+               (per channel; stores written before per-channel scaling hold (N,): one per image)
     view_*     optional bank of K augmented training views per image with the teacher's maps on
                each (``pipeline.cache.views``): view_crops (N, K, 5) int32, view_jitter (N, K, 3),
                view_log_probs (N, K, C, ho, wo), view_features (N, K, F, hf, wf), view_feature_scale
-               and view_feature_offset (N, K); attribute ``preprocessing.views``
+               and view_feature_offset (N, K, F); attribute ``preprocessing.views``
     image_hw   (N, 2) int32  each image's true size; maps are top-left aligned on a fixed canvas
     done       (N,) bool     set after a shard's maps are written, so a re-run resumes
 
@@ -60,8 +61,8 @@ SHARD_IMAGES = 16
 # quantised to 8 bits; the writer keeps every other class at least one step below the top one, so
 # the stored argmax is the teacher's.
 LOG_PROB_RANGE = 16.0
-# Features are stored mapped per image onto [0, 1] (features = stored x feature_scale + feature_offset)
-# and quantised to 8 bits: one step is 1/255 of the image's feature range.
+# Features are stored mapped per image and channel onto [0, 1] (features = stored x feature_scale +
+# feature_offset) and quantised to 8 bits: one step is 1/255 of the channel's range in that image.
 
 
 def log_prob_filters() -> list:
@@ -86,8 +87,8 @@ def compressors() -> list:
 CODECS = {
     "log_probs": f"float32 -> FixedScaleOffset(offset=-{LOG_PROB_RANGE:g}, scale=255/{LOG_PROB_RANGE:g}, uint8) -> "
                  "Delta(uint8) -> zstd(9) -> crc32c, in shards of images",
-    "features": "float32 in [0, 1] -> FixedScaleOffset(offset=0, scale=255, uint8) -> Delta(uint8) -> zstd(9) -> "
-                "crc32c, in shards of images",
+    "features": "float32 in [0, 1] (per image and channel: x feature_scale + feature_offset = the teacher's) -> "
+                "FixedScaleOffset(offset=0, scale=255, uint8) -> Delta(uint8) -> zstd(9) -> crc32c, in shards of images",
 }
 DECODE_NOTE = ("zarr decodes the stored uint8 values to float32 itself (the FixedScaleOffset and Delta filters "
                "are numcodecs codecs): read the arrays as they are")
@@ -118,6 +119,13 @@ def logit_size(image_hw: Sequence[int], level: float = 1.0) -> tuple[int, int]:
 def feature_size(image_hw: Sequence[int], pool: int) -> tuple[int, int]:
     h, w = logit_size(image_hw)
     return math.ceil(h / pool), math.ceil(w / pool)
+
+
+def _per_channel(values: np.ndarray, leading: int) -> np.ndarray:
+    """Feature scales or offsets with a trailing channel axis: as stored, (N, F) or (N, K, F) with
+    ``leading`` = 1 or 2 axes before it; stores that scaled per image or view hold (N,) or (N, K),
+    which get a channel axis of 1."""
+    return values[..., None] if values.ndim == leading else values
 
 
 def level_array(level: float) -> str:
@@ -188,9 +196,12 @@ def create_store(
         per_image("features", (feature_channels, *feat_canvas), "float32", chunks(feature_channels, feat_canvas)[1:],
                   feature_filters(), np.nan, ("channel", "y", "x"),
                   f"teacher PSP features max-pooled by {feature_pool} (stride {OUTPUT_STRIDE * feature_pool}), "
-                  "mapped onto [0, 1] per image: x feature_scale + feature_offset = the teacher's features")
-        per_image("feature_scale", (), "float32", (), None, np.nan, (), "per image: the features' range (max - min)")
-        per_image("feature_offset", (), "float32", (), None, np.nan, (), "per image: the features' minimum")
+                  "mapped onto [0, 1] per image and channel: x feature_scale + feature_offset (per channel) "
+                  "= the teacher's features")
+        per_image("feature_scale", (feature_channels,), "float32", (feature_channels,), None, np.nan, ("channel",),
+                  "per image and channel: the features' range (max - min)")
+        per_image("feature_offset", (feature_channels,), "float32", (feature_channels,), None, np.nan, ("channel",),
+                  "per image and channel: the features' minimum")
     if views:
         k, out_hw = views["count"], output_size(views["crop_size"])
         view_feat = (math.ceil(out_hw[0] / feature_pool), math.ceil(out_hw[1] / feature_pool))
@@ -201,11 +212,11 @@ def create_store(
         if features:
             per_image("view_features", (k, feature_channels, *view_feat), "float32",
                       (1, feature_channels, *view_feat), feature_filters(), np.nan, ("view", "channel", "y", "x"),
-                      f"PSP features of each view, max-pooled by {feature_pool}, mapped onto [0, 1] per view")
-            per_image("view_feature_scale", (k,), "float32", (k,), None, np.nan, ("view",),
-                      "per view: the features' range (max - min)")
-            per_image("view_feature_offset", (k,), "float32", (k,), None, np.nan, ("view",),
-                      "per view: the features' minimum")
+                      f"PSP features of each view, max-pooled by {feature_pool}, mapped onto [0, 1] per view and channel")
+            per_image("view_feature_scale", (k, feature_channels), "float32", (k, feature_channels), None, np.nan,
+                      ("view", "channel"), "per view and channel: the features' range (max - min)")
+            per_image("view_feature_offset", (k, feature_channels), "float32", (k, feature_channels), None, np.nan,
+                      ("view", "channel"), "per view and channel: the features' minimum")
         per_image("view_crops", (k, 5), "int32", (k, 5), None, 0, ("view", "param"),
                   "per view: scaled height, scaled width, crop top, crop left, flip (0/1)")
         per_image("view_jitter", (k, 3), "float32", (k, 3), None, 1.0, ("view", "factor"),
@@ -249,14 +260,14 @@ class TeacherStore:
         self.feature_channels: int | None = (self.group["features"].shape[1] if self.has_features else None)
         self.feature_stride: int = int(attrs.get("feature_stride", OUTPUT_STRIDE * self.feature_pool))
         self.image_hw: np.ndarray = self.group["image_hw"][:]
-        # The positive per-image factors that turn stored features back into the teacher's (all 1
-        # in stores written before features were scaled).
+        # Stored features x feature_scale + feature_offset = the teacher's, per image and channel:
+        # (N, F), or (N, 1) from stores that scaled per image (format 1 only scaled: offset 0).
         names = set(self.group.array_keys())
-        self.feature_scale: np.ndarray = (self.group["feature_scale"][:] if "feature_scale" in names
-                                          else np.ones(len(self.ids), dtype=np.float32))
-        # Format 2 maps features onto [0, 1] per image (format 1 only scaled them).
-        self.feature_offset: np.ndarray = (self.group["feature_offset"][:] if "feature_offset" in names
-                                           else np.zeros(len(self.ids), dtype=np.float32))
+        n = len(self.ids)
+        self.feature_scale: np.ndarray = _per_channel(self.group["feature_scale"][:] if "feature_scale" in names
+                                                      else np.ones(n, dtype=np.float32), 1)
+        self.feature_offset: np.ndarray = _per_channel(self.group["feature_offset"][:] if "feature_offset" in names
+                                                       else np.zeros(n, dtype=np.float32), 1)
         self.view_feature_scale = self.view_feature_offset = None
         # The bank of stored training views (None without one); its parameters are small: read once.
         self.views: dict | None = attrs.get("preprocessing", {}).get("views")
@@ -264,9 +275,9 @@ class TeacherStore:
             self.view_crops: np.ndarray = self.group["view_crops"][:]
             self.view_jitter: np.ndarray = self.group["view_jitter"][:]
             if self.has_features:
-                self.view_feature_scale = self.group["view_feature_scale"][:]
-                self.view_feature_offset = (self.group["view_feature_offset"][:] if "view_feature_offset" in names
-                                            else np.zeros_like(self.view_feature_scale))
+                self.view_feature_scale = _per_channel(self.group["view_feature_scale"][:], 2)
+                self.view_feature_offset = (_per_channel(self.group["view_feature_offset"][:], 2)
+                                            if "view_feature_offset" in names else np.zeros_like(self.view_feature_scale))
 
     @property
     def group(self) -> zarr.Group:
