@@ -261,6 +261,13 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
 @click.option("--features/--no-features", default=None,
               help="Store the teacher's PSP features (pair-wise distillation needs them; evaluation and the "
                    "pixel-wise and holistic terms do not). [default: features]")
+@click.option("--feature-projection", type=int, default=None, metavar="K",
+              help="Store the features as their coordinates on the top K principal directions of the teacher's "
+                   "features (PCA fitted on this split first; the projection is kept in the store): dense features "
+                   "for feature distillation (fd) at a fraction of the bytes, e.g. --feature-pool 1 "
+                   "--feature-projection 32. 0 stores the features themselves. [default: 0]")
+@click.option("--projection-images", type=int, default=None,
+              help="Images (spread over the split) the projection is fitted on. [default: 256]")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
               help="Run the teacher in float32 or under bfloat16 autocast (faster on GPUs; fidelity in "
                    "docs/BENCHMARKS.md). [default: fp32]")
@@ -275,12 +282,14 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
                       teacher: str, teacher_arch: str | None, num_classes: int | None, split: str, cache: str | None,
                       batch_size: int | None, feature_pool: int | None, teacher_scales: str | None,
                       teacher_flip: bool | None, teacher_window: str | None, levels: str | None, views: int | None,
-                      features: bool | None, precision: str | None, crop_size: str | None, scale_range: str | None, flip: bool | None,
+                      features: bool | None, feature_projection: int | None, projection_images: int | None,
+                      precision: str | None, crop_size: str | None, scale_range: str | None, flip: bool | None,
                       workers: int | None,
                       device: str | None, overwrite: bool) -> None:
     """Run the teacher once over a split and write its outputs to a Zarr v3 store.
 
-    Stores float16 log-probabilities at output stride 8 (at each of --levels), max-pooled PSP features,
+    Stores 8-bit log-probabilities at output stride 8 (at each of --levels), max-pooled PSP features
+    (or their PCA coordinates, --feature-projection),
     optionally a bank of --views augmented training crops with the teacher's maps on each, image ids,
     per-image done flags and JSON provenance. An interrupted run resumes where it stopped.
     """
@@ -297,7 +306,8 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
                               "teacher_scales": parse_floats(teacher_scales), "teacher_flip": teacher_flip,
                               "teacher_window": [] if (teacher_window or "").lower() == "whole" else parse_hw(teacher_window),
                               "levels": parse_floats(levels), "views": views, "precision": precision,
-                              "features": features},
+                              "features": features, "feature_projection": feature_projection,
+                              "projection_images": projection_images},
                        train={"device": device})
     ds = build_dataset(cfg.data.dataset, cfg.data.root, split, **cfg.data.options)
     arch = {"name": teacher_arch, "num_classes": num_classes or ds.num_classes} if teacher_arch else None
@@ -312,7 +322,8 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
                              feature_pool=c.feature_pool, scales=c.teacher_scales, flip=c.teacher_flip,
                              window=tuple(c.teacher_window) if c.teacher_window else None, levels=c.levels,
                              views=view_spec(cfg.data.augment(), c.views) if c.views else None, precision=c.precision,
-                             features=c.features, workers=cfg.data.workers, overwrite=overwrite,
+                             features=c.features, feature_projection=c.feature_projection,
+                             projection_images=c.projection_images, workers=cfg.data.workers, overwrite=overwrite,
                              progress=ctx.obj["progress"])
     if main:
         click.echo(f"teacher cache written to {path}")

@@ -128,6 +128,10 @@ class CacheConfig:
     views: int = 0
     precision: str = "fp32"  # "bf16": the teacher under bfloat16 autocast (docs/BENCHMARKS.md: fidelity)
     features: bool = True  # False: a store for evaluation, pixel-wise and holistic terms only (no pair-wise)
+    # k > 0: store the features' coordinates on the top k principal directions of the teacher's
+    # features, fitted on up to projection_images images of the split (dense features for fd, compact).
+    feature_projection: int = 0
+    projection_images: int = 256
 
 
 @dataclass
@@ -195,6 +199,8 @@ def validate(cfg: Config) -> None:
         raise SkdError("train.iterations and train.batch_size must be at least 1")
     if cfg.cache.feature_pool < 1:
         raise SkdError("cache.feature_pool must be at least 1")
+    if cfg.cache.feature_projection < 0 or cfg.cache.projection_images < 1:
+        raise SkdError("cache.feature_projection must be 0 (off) or a channel count, and cache.projection_images at least 1")
     if cfg.cache.teacher_window and (len(cfg.cache.teacher_window) != 2 or min(cfg.cache.teacher_window) < 8):
         raise SkdError(f"cache.teacher_window must be [height, width] of at least 8 pixels, not {cfg.cache.teacher_window}")
     if cfg.cache.precision not in PRECISIONS:

@@ -45,6 +45,7 @@ from zarr.codecs import Crc32cCodec, Delta, FixedScaleOffset, ZstdCodec
 
 from pipeline.errors import SkdError
 from pipeline.faults import fault_point
+from pipeline.cache.projection import Projection
 from pipeline.inference import OUTPUT_STRIDE, output_size, scaled_size
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,13 @@ def compressors() -> list:
 CODECS = {
     "log_probs": f"float32 -> FixedScaleOffset(offset=-{LOG_PROB_RANGE:g}, scale=255/{LOG_PROB_RANGE:g}, uint8) -> "
                  "Delta(uint8) -> zstd(9) -> crc32c, in shards of images",
-    "features": "float32 in [0, 1] (per image and channel: x feature_scale + feature_offset = the teacher's) -> "
+    "features": "float32 in [0, 1] (per image and channel: x feature_scale + feature_offset = the features, or their PCA "
+                "coordinates: see decode) -> "
                 "FixedScaleOffset(offset=0, scale=255, uint8) -> Delta(uint8) -> zstd(9) -> crc32c, in shards of images",
 }
+PROJECTION_NOTE = ("; features hold PCA coordinates z: the teacher's features are feature_mean + "
+                   "feature_components @ z at every pixel (einsum('ck,nkyx->ncyx', components, z) + mean), up to the "
+                   "variance of the directions left out")
 DECODE_NOTE = ("zarr decodes the stored uint8 values to float32 itself (the FixedScaleOffset and Delta filters "
                "are numcodecs codecs): read the arrays as they are")
 
@@ -143,8 +148,13 @@ def create_store(
     levels: Sequence[float] = (1.0,),
     features: bool = True,
     shard_images: int = SHARD_IMAGES,
+    projection: Projection | None = None,
 ) -> zarr.Group:
     """Create an empty store at ``path`` (a local directory) with all arrays and attributes.
+
+    With a ``projection`` the features are stored as their coordinates on its ``k`` directions
+    (``feature_channels`` is then the teacher's channel count; the arrays hold ``k``), and the
+    projection itself goes in ``feature_mean`` and ``feature_components``.
 
     ``levels``: the scales at which the teacher's map is stored (1.0 always; e.g. 1.0, 2.0 also
     keeps the map of the image upsampled by 2, for crops that training zooms into).
@@ -156,6 +166,10 @@ def create_store(
     views = provenance.get("preprocessing", {}).get("views")
     largest = image_hw.max(axis=0)
     feat_canvas = feature_size(largest, feature_pool)
+    what = "teacher PSP features"
+    if features and projection is not None:
+        what = f"coordinates z of the teacher's PSP features on the {projection.channels} directions of feature_components"
+        feature_channels = projection.channels
     fixed_size = bool((image_hw == image_hw[0]).all())
     levels = sorted({1.0, *(float(s) for s in levels)})
     shard = max(1, min(shard_images, n))
@@ -180,7 +194,10 @@ def create_store(
         {**provenance, "format": FORMAT, "format_version": FORMAT_VERSION, "output_stride": OUTPUT_STRIDE,
          "feature_pool": feature_pool, "feature_stride": OUTPUT_STRIDE * feature_pool, "features": features,
          "logit_levels": [{"scale": s, "array": level_array(s)} for s in levels], "shard_images": shard,
-         "codecs": CODECS, "decode": DECODE_NOTE,
+         "codecs": CODECS, "decode": DECODE_NOTE + (PROJECTION_NOTE if features and projection is not None else ""),
+         "feature_projection": ({"channels": projection.channels, "teacher_channels": int(len(projection.mean)),
+                                 "explained_variance": float(projection.explained.sum())}
+                                if features and projection is not None else None),
          "canvas": "images of different sizes share one canvas per array: image i fills the top-left "
                    "image_hw[i] (divided by the output stride, rounded up) of it; the rest is undefined (NaN "
                    "where a whole chunk is outside the image)",
@@ -195,9 +212,9 @@ def create_store(
     if features:
         per_image("features", (feature_channels, *feat_canvas), "float32", chunks(feature_channels, feat_canvas)[1:],
                   feature_filters(), np.nan, ("channel", "y", "x"),
-                  f"teacher PSP features max-pooled by {feature_pool} (stride {OUTPUT_STRIDE * feature_pool}), "
+                  f"{what}, max-pooled by {feature_pool} (stride {OUTPUT_STRIDE * feature_pool}), "
                   "mapped onto [0, 1] per image and channel: x feature_scale + feature_offset (per channel) "
-                  "= the teacher's features")
+                  "= the values" + (PROJECTION_NOTE if projection is not None else ""))
         per_image("feature_scale", (feature_channels,), "float32", (feature_channels,), None, np.nan, ("channel",),
                   "per image and channel: the features' range (max - min)")
         per_image("feature_offset", (feature_channels,), "float32", (feature_channels,), None, np.nan, ("channel",),
@@ -212,7 +229,7 @@ def create_store(
         if features:
             per_image("view_features", (k, feature_channels, *view_feat), "float32",
                       (1, feature_channels, *view_feat), feature_filters(), np.nan, ("view", "channel", "y", "x"),
-                      f"PSP features of each view, max-pooled by {feature_pool}, mapped onto [0, 1] per view and channel")
+                      f"{what} on each view, max-pooled by {feature_pool}, mapped onto [0, 1] per view and channel")
             per_image("view_feature_scale", (k, feature_channels), "float32", (k, feature_channels), None, np.nan,
                       ("view", "channel"), "per view and channel: the features' range (max - min)")
             per_image("view_feature_offset", (k, feature_channels), "float32", (k, feature_channels), None, np.nan,
@@ -221,12 +238,31 @@ def create_store(
                   "per view: scaled height, scaled width, crop top, crop left, flip (0/1)")
         per_image("view_jitter", (k, 3), "float32", (k, 3), None, 1.0, ("view", "factor"),
                   "per view: brightness, contrast, saturation factors")
+    if features and projection is not None:
+        group.create_array("feature_mean", data=projection.mean, chunks=projection.mean.shape, compressors=compressors(),
+                           dimension_names=("teacher_channel",),
+                           attributes={"content": "the teacher features' mean over the pixels the projection was fitted on"})
+        group.create_array("feature_components", data=projection.components, chunks=projection.components.shape,
+                           compressors=compressors(),
+                           dimension_names=("teacher_channel", "channel"),
+                           attributes={"content": "orthonormal principal directions of the teacher's features, by "
+                                                  "decreasing variance",
+                                       "explained_variance": [float(v) for v in projection.explained]})
     group.create_array("image_hw", data=image_hw, chunks=(max(n, 1), 2), dimension_names=("image", "hw"),
                        attributes={"content": "each image's true (height, width) in pixels"})
     # Flags are written once per shard, right after the shard: one chunk per shard.
     group.create_array("done", shape=(n,), dtype="bool", chunks=(shard,), fill_value=False, dimension_names=("image",),
                        attributes={"content": "True once the image's maps are on disk (a re-run resumes from here)"})
     return group
+
+
+def read_projection(group: zarr.Group) -> Projection | None:
+    """The feature projection a store's features were stored with (None: the features themselves)."""
+    if not group.attrs.get("features", True) or not group.attrs.get("feature_projection"):
+        return None
+    components = group["feature_components"]
+    return Projection(group["feature_mean"][:], components[:],
+                      np.asarray(components.attrs["explained_variance"], dtype=np.float32))
 
 
 class TeacherStore:
@@ -259,6 +295,9 @@ class TeacherStore:
         self.has_features: bool = bool(attrs.get("features", True))
         self.feature_channels: int | None = (self.group["features"].shape[1] if self.has_features else None)
         self.feature_stride: int = int(attrs.get("feature_stride", OUTPUT_STRIDE * self.feature_pool))
+        # Stored features may be PCA coordinates (feature distillation regresses them as they are;
+        # the pair-wise term maps them back with ``unproject``).
+        self.projection: Projection | None = read_projection(self.group)
         self.image_hw: np.ndarray = self.group["image_hw"][:]
         # Stored features x feature_scale + feature_offset = the teacher's, per image and channel:
         # (N, F), or (N, 1) from stores that scaled per image (format 1 only scaled: offset 0).

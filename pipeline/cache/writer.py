@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline.cache.store import (LOG_PROB_RANGE, SHARD_IMAGES, create_store, feature_size, finalize, level_array,
-                                  logit_size, recover_swap)
+                                  logit_size, read_projection, recover_swap)
 from pipeline.inference import predict, resize
 from pipeline.device import set_cpu_threads
 from pipeline.cache.lock import WriterLock
+from pipeline.cache.projection import Projection, fit_projection, project
 from pipeline.cache.views import VIEW_ARRAYS, crop_params, draw_views
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, apply_jitter, apply_params, normalize
 from pipeline.errors import SkdError
@@ -87,6 +88,8 @@ def cache_teacher(
     views: dict | None = None,
     precision: str = "fp32",
     features: bool = True,
+    feature_projection: int = 0,
+    projection_images: int = 256,
     shard_images: int = SHARD_IMAGES,
     workers: int = 2,
     write_threads: int = 4,
@@ -102,7 +105,10 @@ def cache_teacher(
     augmented training views with the teacher's maps on each (``pipeline.cache.views.view_spec``);
     the teacher runs on each view as it is, with no test-time augmentation, as an online teacher would.
     ``precision``: "fp32", or "bf16" to run the teacher under bfloat16 autocast (recorded in the
-    provenance; docs/BENCHMARKS.md measures what it changes). Compression and writes run in
+    provenance; docs/BENCHMARKS.md measures what it changes). ``feature_projection`` k > 0 stores the
+    features as their coordinates on the top k principal directions of the teacher's features, fitted
+    on up to ``projection_images`` images of ``dataset`` (``pipeline.cache.projection``): dense
+    features for feature distillation at a fraction of the bytes. Compression and writes run in
     ``write_threads`` background threads, so the next batch's teacher pass overlaps them.
 
     Resumes a previous interrupted run of the same teacher on the same data (``<out>.partial``);
@@ -122,7 +128,8 @@ def cache_teacher(
             try:
                 held.enter_context(WriterLock(out))
                 todo = _open_or_create(teacher, teacher_info, dataset, out, feature_pool, scales, flip, window,
-                                       levels, views, precision, features, shard_images, overwrite)
+                                       levels, views, precision, features, shard_images, overwrite,
+                                       feature_projection, projection_images, device, progress)
             except OSError as exc:  # a read-only folder, a full disk, a path that is a file
                 setup_error = SkdError(f"cannot write the store {out}: {exc.strerror or exc}"
                                        f"{f' ({exc.filename})' if exc.filename else ''}; nothing was changed")
@@ -165,6 +172,7 @@ def _write_shards(teacher: nn.Module, dataset, out: Path, todo: list[tuple[int, 
     set_cpu_threads(torch.device(device), workers)
     teacher = teacher.to(device).eval()
     levels = group.attrs["preprocessing"]["levels"]
+    projection = read_projection(group)
     names = [level_array(level) for level in levels] + (["features", "feature_scale", "feature_offset"] if features else [])
     if views:
         names += [name for name in VIEW_ARRAYS if features or not name.startswith("view_feature")]
@@ -181,10 +189,10 @@ def _write_shards(teacher: nn.Module, dataset, out: Path, todo: list[tuple[int, 
                 outputs[level_array(level)] = _storable_log_probs(log_probs)
                 if level == 1.0 and features:
                     outputs["features"], outputs["feature_scale"], outputs["feature_offset"] = \
-                        _pooled_and_normalized(level_features, feature_pool)
+                        _pooled_and_normalized(level_features, feature_pool, projection)
             if views:
                 view_log_probs, view_features, view_scale, view_offset = _teacher_on_views(
-                    teacher, batch["views"], feature_pool, batch_size, device, precision)
+                    teacher, batch["views"], feature_pool, batch_size, device, precision, projection)
                 outputs |= {"view_log_probs": _storable_log_probs(view_log_probs), "view_crops": batch["view_crops"],
                             "view_jitter": batch["view_jitter"]}
                 if features:
@@ -207,8 +215,9 @@ def _write_shards(teacher: nn.Module, dataset, out: Path, todo: list[tuple[int, 
 
 def _open_or_create(teacher: nn.Module, teacher_info: dict[str, Any], dataset, out: Path, feature_pool: int,
                     scales: Sequence[float], flip: bool, window: tuple[int, int] | None, levels: Sequence[float],
-                    views: dict | None, precision: str, features: bool, shard_images: int,
-                    overwrite: bool) -> list[tuple[int, int]] | None:
+                    views: dict | None, precision: str, features: bool, shard_images: int, overwrite: bool,
+                    feature_projection: int, projection_images: int, device: torch.device | str,
+                    progress: bool) -> list[tuple[int, int]] | None:
     """Check ``out``, then create ``<out>.partial`` or check that it resumes; returns the shards
     (start, stop) not yet done, or None when ``out`` is already this very store, complete (a re-run
     of a finished command)."""
@@ -223,7 +232,10 @@ def _open_or_create(teacher: nn.Module, teacher_info: dict[str, Any], dataset, o
                           "teacher_scales": [float(s) for s in scales], "teacher_flip": bool(flip),
                           "teacher_window": list(window) if window else None, "teacher_precision": precision,
                           "levels": sorted({1.0, *(float(s) for s in levels)}),
-                          **({"views": views} if views else {})},
+                          **({"views": views} if views else {}),
+                          **({"feature_projection": {"channels": feature_projection, "fit_images":
+                                                     min(projection_images, len(dataset))}}
+                             if features and feature_projection else {})},
         "skd_version": pipeline.__version__,
         "torch_version": torch.__version__,
     }
@@ -255,8 +267,11 @@ def _open_or_create(teacher: nn.Module, teacher_info: dict[str, Any], dataset, o
         shutil.rmtree(creating, ignore_errors=True)
         image_hw = np.array([dataset.image_size(i) for i in range(len(dataset))], dtype=np.int32)
         provenance["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        projection = (fit_projection(teacher, dataset, feature_projection, feature_pool=feature_pool,
+                                     images=projection_images, device=device, precision=precision, progress=progress)
+                      if features and feature_projection else None)
         create_store(creating, provenance, image_hw, teacher_info["num_classes"], teacher.feature_channels,
-                     feature_pool, levels, features=features, shard_images=shard_images)
+                     feature_pool, levels, features=features, shard_images=shard_images, projection=projection)
         os.replace(creating, partial)
         group = zarr.open_group(str(partial), mode="r+")
     n = len(dataset)
@@ -351,15 +366,19 @@ class _BoundedWrites:
             self.pool.shutdown(wait=True)
 
 
-def _pooled_and_normalized(features: torch.Tensor, pool: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pooled_and_normalized(features: torch.Tensor, pool: int,
+                           projection: Projection | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features (B, F, h, w) max-pooled by ``pool`` and mapped per image and channel onto [0, 1], with
     the (scale, offset) of shape (B, F) that map them back: features = stored x scale + offset.
 
     Per channel, not per image: a few channels with large activations would otherwise set the step
     of all, and the pair-wise loss (cosine similarities) feels the small channels' rounding
-    (docs/CACHE.md: worst pair-wise error 5.4 % per image vs 1.3 % per channel at 1024x2048)."""
+    (docs/CACHE.md: worst pair-wise error 5.4 % per image vs 1.3 % per channel at 1024x2048).
+    With a ``projection``, the pooled features' coordinates on its directions are stored instead."""
     if pool > 1:
         features = F.max_pool2d(features, pool, pool, ceil_mode=True)
+    if projection is not None:
+        features = project(features, projection)
     flat = features.flatten(2)
     offset = flat.amin(dim=2)
     scale = (flat.amax(dim=2) - offset).clamp(min=1e-12)
@@ -367,7 +386,8 @@ def _pooled_and_normalized(features: torch.Tensor, pool: int) -> tuple[torch.Ten
 
 
 def _teacher_on_views(teacher: nn.Module, views: torch.Tensor, feature_pool: int, batch_size: int,
-                      device: torch.device | str, precision: str) -> tuple[torch.Tensor, ...]:
+                      device: torch.device | str, precision: str,
+                      projection: Projection | None = None) -> tuple[torch.Tensor, ...]:
     """The teacher on a batch of images' views (B, K, 3, h, w) uint8: log-probabilities (B, K, C, ho, wo),
     pooled normalised features (B, K, F, hf, wf) and their scales and offsets (B, K, F)."""
     b, k = views.shape[:2]
@@ -376,7 +396,7 @@ def _teacher_on_views(teacher: nn.Module, views: torch.Tensor, feature_pool: int
     for i in range(0, len(flat), batch_size):  # pooled chunk by chunk: full-resolution features never pile up
         log_probs, features = predict(teacher, normalize(flat[i : i + batch_size].to(device, non_blocking=True)),
                                       precision=precision)
-        chunks.append((log_probs, *_pooled_and_normalized(features, feature_pool)))
+        chunks.append((log_probs, *_pooled_and_normalized(features, feature_pool, projection)))
     return tuple(torch.cat(parts).unflatten(0, (b, k)) for parts in zip(*chunks))
 
 
