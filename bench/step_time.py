@@ -95,6 +95,9 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--profile", default=None,
                    help="write a torch.profiler table of one cached step (the last --losses set) here")
+    p.add_argument("--gp-every", type=int, default=1,
+                   help="the gradient penalty on every N-th discriminator step (distill.gp_every; 1 = the paper)")
+    p.add_argument("--no-online", action="store_true", help="time student-only and cached steps only")
     p.add_argument("--output", default=None)
     args = p.parse_args()
     loss_sets = args.losses or ["pi,pa,ho"]
@@ -127,8 +130,10 @@ def main() -> None:
     modes = [("student_only", {"distill": {"losses": []}})]
     for losses in loss_sets:
         terms = losses.split(",")
-        modes += [(f"cached_{losses}", {"distill": {"losses": terms, "cache": cache}}),
-                  (f"online_{losses}", {"distill": {"losses": terms, "teacher": teacher_path}})]
+        distill = {"losses": terms, "gp_every": args.gp_every}
+        modes += [(f"cached_{losses}", {"distill": {**distill, "cache": cache}})]
+        if not args.no_online:
+            modes += [(f"online_{losses}", {"distill": {**distill, "teacher": teacher_path}})]
     for name, extra in modes:
         cfg = merge(Config(), {**base, **extra, "train": {**base["train"], "out": str(tmp / name)}})
         results[name] = time_mode(cfg, args.warmup, args.iterations)
@@ -140,7 +145,7 @@ def main() -> None:
             results[name]["step_ratio"] = results[name]["step_s"] / ref["step_s"]
             results[name]["iteration_ratio"] = results[name]["iteration_s"] / ref["iteration_s"]
     if args.profile:
-        extra = {"distill": {"losses": loss_sets[-1].split(","), "cache": cache}}
+        extra = {"distill": {"losses": loss_sets[-1].split(","), "cache": cache, "gp_every": args.gp_every}}
         cfg = merge(Config(), {**base, **extra, "train": {**base["train"], "out": str(tmp / "profile")}})
         Path(args.profile).write_text(profile_step(cfg, args.warmup))
     try:
@@ -152,7 +157,7 @@ def main() -> None:
         "commit": commit, "command": " ".join(sys.argv), "torch": torch.__version__,
         "student": f"{args.student} x{args.student_width}", "teacher": teacher_path if args.teacher else f"{args.teacher_arch} x{args.teacher_width} (random init)",
         "dataset": args.dataset, "batch_size": args.batch_size, "crop": args.crop, "losses": loss_sets,
-        "warmup": args.warmup, "iterations": args.iterations, "results": results,
+        "warmup": args.warmup, "iterations": args.iterations, "gp_every": args.gp_every, "results": results,
     }
     print(json.dumps({k: round(v["step_ratio"], 3) for k, v in results.items() if "step_ratio" in v}))
     if args.output:

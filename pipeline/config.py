@@ -67,6 +67,10 @@ class DistillConfig:
     pa_node: float | str = 0.5
     lambda_ho: float = 0.1
     lambda_gp: float = 10.0
+    # The gradient penalty on every gp_every-th discriminator step, weighted by gp_every (lazy
+    # regularisation, as StyleGAN2): 1 = every step, as the paper. On a CPU the penalty's double
+    # backward is most of the holistic term's cost (docs/BENCHMARKS.md).
+    gp_every: int = 1
     # Feature distillation: the student's PSP features through a learned 1x1 adapter to the
     # teacher's channels, squared distance per pixel (after L2 normalisation of both, by default).
     lambda_fd: float = 1.0

@@ -18,9 +18,9 @@ CPU = torch.device("cpu")
 
 
 def make_term(conditioning: str = "logits", d_loss: str = "wgan", d_optimizer: str = "sgd",
-              iterations: int = 10) -> HolisticTerm:
+              iterations: int = 10, gp_every: int = 1) -> HolisticTerm:
     cfg = DistillConfig(lambda_ho=0.5, lambda_gp=10.0, d_conditioning=conditioning, d_loss=d_loss,
-                        d_optimizer=d_optimizer, d_lr=1e-2)
+                        d_optimizer=d_optimizer, d_lr=1e-2, gp_every=gp_every)
     return HolisticTerm(C, cfg, iterations=iterations, poly_power=0.9, device=CPU)
 
 
@@ -257,3 +257,20 @@ def test_state_dict_round_trip_continues_identically():
     for a, b in zip(first.discriminator.state_dict().values(), second.discriminator.state_dict().values()):
         torch.testing.assert_close(a, b)
     assert first.scheduler.last_epoch == second.scheduler.last_epoch == 2
+
+
+def test_lazy_gradient_penalty_runs_every_nth_step_at_n_times_the_weight():
+    teacher_log_probs, images = teacher_and_images()
+    student = offset_student(teacher_log_probs) + 0.5 * torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(4))
+    penalties = {}
+    for every in (1, 3):
+        torch.manual_seed(0)  # the same D
+        term = make_term("image", gp_every=every)
+        torch.manual_seed(7)  # the same interpolation on the first step
+        penalties[every] = [term.discriminator_step(student, teacher_log_probs, images, all_valid())["d_gp"].item()
+                            for _ in range(6)]
+    lazy = penalties[3]
+    assert [v != 0 for v in lazy] == [True, False, False, True, False, False]
+    # Step 0 sees the same D and interpolation: the penalty, three times over.
+    assert lazy[0] == pytest.approx(3 * penalties[1][0], rel=1e-5)
+    assert all(v != 0 for v in penalties[1])

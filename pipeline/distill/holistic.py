@@ -37,7 +37,7 @@ class HolisticTerm:
 
     Args:
         num_classes: C, channels of the segmentation maps.
-        cfg: ``lambda_ho``, ``lambda_gp``, ``d_conditioning``, ``d_loss``, ``d_optimizer``, ``d_lr``.
+        cfg: ``lambda_ho``, ``lambda_gp``, ``gp_every``, ``d_conditioning``, ``d_loss``, ``d_optimizer``, ``d_lr``.
         iterations, poly_power: the poly schedule of D's learning rate (the student's schedule: a
             number of steps, or the trainer's ``Progress`` for a wall-clock budget).
         device: where D lives.
@@ -59,6 +59,9 @@ class HolisticTerm:
             raise ValueError(f"unknown d_loss {cfg.d_loss!r}; expected 'wgan' or 'hinge'")
         self.lambda_ho = cfg.lambda_ho
         self.lambda_gp = cfg.lambda_gp
+        if cfg.gp_every < 1:
+            raise ValueError(f"gp_every must be at least 1, not {cfg.gp_every}")
+        self.gp_every = cfg.gp_every
         self.kind = cfg.d_loss
         self.discriminator = Discriminator(num_classes, conditioning=cfg.d_conditioning).to(device)
         broadcast_module(self.discriminator)  # under torchrun, every rank's D starts as rank 0's
@@ -131,14 +134,19 @@ class HolisticTerm:
         self.discriminator.train()
         d_real, d_fake = self._scores(real, fake, condition)
         losses = {"d_adv": self.lambda_ho * discriminator_loss(d_real, d_fake, self.kind)}
-        if self.kind == "wgan":
+        # Lazy regularisation (StyleGAN2): the penalty on every gp_every-th D step only, weighted by
+        # gp_every so that its mean pull stays the same. The count is the scheduler's, which
+        # checkpoints keep, so a resumed run penalises the same steps.
+        if self.kind == "wgan" and self.scheduler.last_epoch % self.gp_every == 0:
             # The critic is scored on interpolated maps with the image held fixed; the gradient
             # (and so the penalty) is taken w.r.t. the maps only.
             # α for the global batch, this rank's slice of it: the same draws as one process.
             world, b = current(), real.shape[0]
             alpha = torch.rand(b * world.size, device=real.device)[world.rank * b : (world.rank + 1) * b]
             gp = gradient_penalty(self.discriminator.score_maps, real, fake, condition, alpha)
-            losses["d_gp"] = self.lambda_ho * self.lambda_gp * gp
+            losses["d_gp"] = self.lambda_ho * self.lambda_gp * self.gp_every * gp
+        elif self.kind == "wgan":
+            losses["d_gp"] = torch.zeros((), device=real.device)  # the same keys every step (one sync, logs)
         self.optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         # Under torchrun each rank scores its own samples; D's update is the mean over ranks (every
