@@ -213,8 +213,8 @@ def create_store(
         per_image("features", (feature_channels, *feat_canvas), "float32", chunks(feature_channels, feat_canvas)[1:],
                   feature_filters(), np.nan, ("channel", "y", "x"),
                   f"{what}, max-pooled by {feature_pool} (stride {OUTPUT_STRIDE * feature_pool}), "
-                  "mapped onto [0, 1] per image and channel: x feature_scale + feature_offset (per channel) "
-                  "= the values" + (PROJECTION_NOTE if projection is not None else ""))
+                  "mapped onto [0, 1] per image and channel: x feature_scale + feature_offset (per channel) = "
+                  + ("z" + PROJECTION_NOTE if projection is not None else "the teacher's features"))
         per_image("feature_scale", (feature_channels,), "float32", (feature_channels,), None, np.nan, ("channel",),
                   "per image and channel: the features' range (max - min)")
         per_image("feature_offset", (feature_channels,), "float32", (feature_channels,), None, np.nan, ("channel",),
