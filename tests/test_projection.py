@@ -93,24 +93,26 @@ def test_a_projected_store_decodes_with_plain_zarr_as_its_attributes_say(tmp_pat
     assert store.projection is not None and store.feature_channels == 3
 
 
-def test_fd_regresses_the_projected_features_and_pa_compares_them_mapped_back(tmp_path, dataset):
+def test_training_from_a_projected_store_sees_the_teachers_features_mapped_back(tmp_path, dataset):
     teacher = LowRankTeacher().eval()
     info = {"name": "low-rank", "num_classes": 8, "weights_sha256": "0" * 64}
     store = cache_teacher(teacher, info, dataset, tmp_path / "projected.zarr", batch_size=2, feature_pool=1,
-                          feature_projection=2, projection_images=LENGTH, workers=0, progress=False)
+                          feature_projection=3, projection_images=LENGTH, workers=0, progress=False)
     cfg = merge(Config(), {
         "data": {"dataset": "synthetic", "options": {"size": list(SIZE), "length": LENGTH}, "workers": 0,
-                 "crop_size": [32, 32], "scale_range": [1.0, 1.0]},
+                 "crop_size": list(SIZE), "scale_range": [1.0, 1.0], "flip": False},
         "model": {"name": "pspnet_resnet18", "width": 0.125},
         "distill": {"losses": ["pa", "fd"], "cache": str(store), "pa_node": 1.0},
         "train": {"iterations": 1, "batch_size": 2, "device": "cpu", "out": str(tmp_path / "run")},
     })
     trainer = Trainer(cfg, progress=False)
-    assert trainer.adapter.out_channels == 2  # the adapter regresses the k coordinates
+    assert trainer.adapter.out_channels == 12  # the teacher's channels, not the 3 stored coordinates
     batch = next(iter(trainer.batches()))
-    z = trainer.targets(batch, None, (4, 4))[1]
-    assert z.shape[1] == 2
-    # pa sees the teacher's 12 channels again, not the 2 coordinates.
-    assert trainer._pa_teacher(z).shape[1] == 12
+    features = trainer.targets(batch, None, (6, 8))[1]
+    # Whole images, no flip: the teacher's own features, up to the 8-bit rounding (rank 3 = k).
+    images = normalize(batch["image"])
+    exact = predict(teacher, images)[1]
+    assert features.shape == exact.shape
+    assert (features - exact).abs().max() <= 0.02 * exact.abs().max()
     values = trainer.step(batch)
     assert np.isfinite(values["pa"]) and np.isfinite(values["fd"]) and values["fd"] > 0

@@ -6,15 +6,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.cache.projection import Projection, unproject
 from pipeline.cache.replay import replay_targets
 from pipeline.inference import predict
 
 
 class CachedTargets:
-    """Targets read from the store by the data loader and resampled to the student's output grid."""
+    """Targets read from the store by the data loader and resampled to the student's output grid.
+
+    From a store of projected features (PCA coordinates) the features are mapped back to the
+    teacher's channels, so that every term sees what an online teacher would give, up to the
+    directions left out: regressing the centred coordinates themselves distilled worse (docs/RESULTS.md §5).
+    """
+
+    def __init__(self, projection: Projection | None = None):
+        self.projection = projection
 
     def __call__(self, batch: dict, images: torch.Tensor, out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return replay_targets(batch, out_hw)
+        logits, features = replay_targets(batch, out_hw)
+        if self.projection is not None and features is not None:
+            features = unproject(features, self.projection)
+        return logits, features
 
 
 class OnlineTargets:

@@ -33,7 +33,6 @@ from pipeline.data import build_dataset
 from pipeline.data.transforms import IGNORE_INDEX, normalize
 from pipeline.device import resolve_device, set_cpu_threads
 from pipeline.distill.holistic import HolisticTerm
-from pipeline.cache.projection import unproject
 from pipeline.distill.losses import feature_loss, pairwise_loss, pixelwise_loss, resolve_node_size, task_loss
 from pipeline.distill.targets import CachedTargets, OnlineTargets
 from pipeline.errors import SkdError
@@ -95,7 +94,6 @@ class Trainer:
         self.store = None
         self.use_views = False
         self.targets: CachedTargets | OnlineTargets | None = None
-        self._pa_teacher = lambda features: features
         teacher_channels = None
         if terms or cfg.distill.pseudo_labels:
             if cfg.distill.teacher:
@@ -120,12 +118,10 @@ class Trainer:
                                    "--losses pi,ho")
                 if "pa" in terms:
                     self._check_feature_resolution()
-                self.targets = CachedTargets()
-                # Projected features (PCA coordinates) are what fd regresses; pa compares the
-                # teacher's own features, mapped back.
-                if self.store.projection is not None and "pa" in terms:
-                    self._pa_teacher = lambda z: unproject(z, self.store.projection)
-                teacher_channels = self.store.feature_channels
+                # Projected features come back mapped to the teacher's channels.
+                self.targets = CachedTargets(self.store.projection)
+                teacher_channels = (len(self.store.projection.mean) if self.store.projection is not None
+                                    else self.store.feature_channels)
                 log.info("distilling from the cache %s (teacher %s, %s)", redact(cfg.distill.cache),
                          self.store.attrs["teacher"].get("name"),
                          f"{self.store.views['count']} stored views per image" if self.use_views
@@ -310,8 +306,7 @@ class Trainer:
                 losses["pi"] = weight * d.lambda_pi * pixelwise_loss(logits, t_logits, d.temperature, valid)
             if "pa" in self.terms:
                 node = resolve_node_size(out_hw, d.pa_node)
-                losses["pa"] = weight * d.lambda_pa * pairwise_loss(out.features.float(), self._pa_teacher(t_features),
-                                                                    node, valid)
+                losses["pa"] = weight * d.lambda_pa * pairwise_loss(out.features.float(), t_features, node, valid)
             if "ho" in self.terms:
                 losses["ho"] = weight * self.holistic.generator_loss(logits, t_logits, images, valid)
             if "fd" in self.terms:
