@@ -3,9 +3,10 @@
 Full stride-8 teacher features are large (512 channels of a PSP head: ~33 MB per Cityscapes image in
 float16). The store can instead keep their coordinates on the top ``k`` principal directions of the
 teacher's own features on the cached split: ``z = (x - mean) @ components`` per pixel, and a reader
-gets ``x ~= mean + components @ z`` back. Feature distillation regresses ``z`` itself through the
-student's adapter. The fit streams the features (running sums in float64), so memory stays at a
-C x C matrix whatever the number of images.
+gets ``x ~= mean + components @ z`` back; training maps the coordinates back too, so that feature
+distillation regresses the teacher's features (up to the directions left out), as online. The fit
+streams the features (running sums in float64), so memory stays at a C x C matrix whatever the
+number of images.
 """
 
 from __future__ import annotations

@@ -295,8 +295,7 @@ class TeacherStore:
         self.has_features: bool = bool(attrs.get("features", True))
         self.feature_channels: int | None = (self.group["features"].shape[1] if self.has_features else None)
         self.feature_stride: int = int(attrs.get("feature_stride", OUTPUT_STRIDE * self.feature_pool))
-        # Stored features may be PCA coordinates (feature distillation regresses them as they are;
-        # the pair-wise term maps them back with ``unproject``).
+        # Stored features may be PCA coordinates; training maps them back (``CachedTargets``).
         self.projection: Projection | None = read_projection(self.group)
         self.image_hw: np.ndarray = self.group["image_hw"][:]
         # Stored features x feature_scale + feature_offset = the teacher's, per image and channel:
