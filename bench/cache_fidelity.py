@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import zarr
 from zarr.codecs import ZstdCodec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from feature_codecs import encoded  # noqa: E402
 from pipeline.cache.store import TeacherStore  # noqa: E402
 from pipeline.inference import predict  # noqa: E402
 from pipeline.data import build_dataset  # noqa: E402
@@ -37,13 +38,9 @@ from pipeline.train.checkpoint import model_from_checkpoint  # noqa: E402
 from pipeline.device import resolve_device  # noqa: E402
 
 
-def format1_bytes(features: np.ndarray) -> int:
+def format1_bytes(features: np.ndarray) -> float:
     """Bytes of one image's (F, h, w) features as format 1 stored them: float16, zstd level 3."""
-    store = zarr.storage.MemoryStore()
-    array = zarr.create_array(store, shape=features.shape, chunks=features.shape, dtype="float16",
-                              compressors=[ZstdCodec(level=3)], fill_value=0)
-    array[:] = features.astype(np.float16)
-    return sum(len(v.to_bytes()) for k, v in store._store_dict.items() if not k.endswith("zarr.json"))
+    return encoded(features[None], "float16", None, [ZstdCodec(level=3)])[0]
 
 
 def main() -> None:

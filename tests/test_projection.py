@@ -16,6 +16,7 @@ from pipeline.cache.writer import cache_teacher
 from pipeline.config import Config, merge
 from pipeline.data import build_dataset
 from pipeline.data.transforms import normalize
+from pipeline.errors import SkdError
 from pipeline.inference import predict
 from pipeline.models.outputs import SegOutput
 from pipeline.train.trainer import Trainer
@@ -116,3 +117,11 @@ def test_training_from_a_projected_store_sees_the_teachers_features_mapped_back(
     assert (features - exact).abs().max() <= 0.02 * exact.abs().max()
     values = trainer.step(batch)
     assert np.isfinite(values["pa"]) and np.isfinite(values["fd"]) and values["fd"] > 0
+
+
+def test_a_projection_wider_than_the_teachers_features_is_refused_before_anything_is_written(tmp_path, dataset):
+    info = {"name": "low-rank", "num_classes": 8, "weights_sha256": "0" * 64}
+    with pytest.raises(SkdError, match="--feature-projection 13 asks for more channels than the teacher's 12"):
+        cache_teacher(LowRankTeacher().eval(), info, dataset, tmp_path / "wide.zarr", feature_projection=13,
+                      workers=0, progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -119,6 +119,10 @@ def cache_teacher(
     store is the one a single process writes (batches never cross a shard), at any world size.
     """
     out = Path(out)
+    if features and feature_projection > teacher.feature_channels:
+        # Said before the teacher runs (the fit would find it only after a pass over the images).
+        raise SkdError(f"--feature-projection {feature_projection} asks for more channels than the teacher's "
+                       f"{teacher.feature_channels} features have; nothing was written")
     world = distributed.current()
     with contextlib.ExitStack() as held:
         # Rank 0 alone touches the store's layout, holding the store's writer lock until it is
