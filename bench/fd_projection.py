@@ -45,7 +45,7 @@ class KTable(Experiment):
                                           "--device", s.device, "--workers", str(s.workers), "--teacher", args.teacher,
                                           "--cache", str(store), "--teacher-window", "whole", "--no-teacher-flip",
                                           "--views", str(s.views), "--crop-size", s.crop, "--feature-pool", "1",
-                                          *projection, "--overwrite"], s.timeout_cache_s)
+                                          *projection], s.timeout_cache_s)  # no --overwrite: a cut run resumes
             if not store.exists():
                 continue
             attrs = json.loads((store / "zarr.json").read_text())["attributes"]
