@@ -1,6 +1,7 @@
 """Training step time: student only vs distillation from the cache vs distillation from an online teacher.
 
-Same student, teacher, batch, crop and losses in the three modes; the first iterations (warm-up) are
+Same student, teacher, batch, crop and losses in the three modes; the modes take their steps in
+turn, so that the machine's drift falls on all of them alike; the first iterations (warm-up) are
 excluded. Reports per-iteration wall time through the real data loader (what a user waits for) and
 the time of the step itself, plus the ratios, as JSON.
 
@@ -37,25 +38,39 @@ from pipeline.device import resolve_device
 from pipeline.train.trainer import Trainer  # noqa: E402
 
 
-def time_mode(cfg: Config, warmup: int, iterations: int) -> dict:
-    trainer = Trainer(cfg, progress=False)
-    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
-    batches = trainer.batches()
-    steps, walls = [], []
-    last = time.perf_counter()
+def time_modes(cfgs: dict[str, Config], warmup: int, iterations: int) -> dict[str, dict]:
+    """Median step and iteration times of every mode, their steps taken in turn (round robin).
+
+    Taking turns puts any drift of the machine (other load, clock changes) on all modes alike,
+    which timing one mode after the other does not; ``paired_step_ratio`` is the median over rounds
+    of a step's time over the student-only step of the same round. An iteration is fetching the
+    batch from the loader (prefetching in its workers meanwhile) plus the step.
+    """
+    trainers = {name: Trainer(cfg, progress=False) for name, cfg in cfgs.items()}
+    sync = torch.cuda.synchronize if next(iter(trainers.values())).device.type == "cuda" else (lambda: None)
+    streams = {name: trainer.batches() for name, trainer in trainers.items()}
+    steps: dict[str, list[float]] = {name: [] for name in trainers}
+    walls: dict[str, list[float]] = {name: [] for name in trainers}
     for i in range(warmup + iterations):
-        batch = next(batches)
-        sync()
-        tic = time.perf_counter()
-        trainer.step(batch)
-        sync()
-        now = time.perf_counter()
-        if i >= warmup:
-            steps.append(now - tic)
-            walls.append(now - last)
-        last = now
+        for name, trainer in trainers.items():
+            sync()
+            tic = time.perf_counter()
+            batch = next(streams[name])
+            start = time.perf_counter()
+            trainer.step(batch)
+            sync()
+            if i >= warmup:
+                now = time.perf_counter()
+                steps[name].append(now - start)
+                walls[name].append(now - tic)
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return {"step_s": median(steps), "iteration_s": median(walls), "mean_iteration_s": sum(walls) / len(walls)}
+    results = {name: {"step_s": median(steps[name]), "iteration_s": median(walls[name]),
+                      "mean_iteration_s": sum(walls[name]) / len(walls[name])} for name in trainers}
+    reference = steps["student_only"]
+    for name in trainers:
+        if name != "student_only":
+            results[name]["paired_step_ratio"] = median([a / b for a, b in zip(steps[name], reference)])
+    return results
 
 
 def profile_step(cfg: Config, warmup: int) -> str:
@@ -126,7 +141,6 @@ def main() -> None:
         "train": {"iterations": 10**6, "batch_size": args.batch_size, "device": str(device), "log_every": 10**6,
                   "checkpoint_every": 10**6},
     }
-    results = {}
     modes = [("student_only", {"distill": {"losses": []}})]
     for losses in loss_sets:
         terms = losses.split(",")
@@ -134,11 +148,11 @@ def main() -> None:
         modes += [(f"cached_{losses}", {"distill": {**distill, "cache": cache}})]
         if not args.no_online:
             modes += [(f"online_{losses}", {"distill": {**distill, "teacher": teacher_path}})]
-    for name, extra in modes:
-        cfg = merge(Config(), {**base, **extra, "train": {**base["train"], "out": str(tmp / name)}})
-        results[name] = time_mode(cfg, args.warmup, args.iterations)
-        print(f"{name:22s} step {results[name]['step_s'] * 1e3:8.1f} ms   iteration {results[name]['iteration_s'] * 1e3:8.1f} ms",
-              flush=True)
+    cfgs = {name: merge(Config(), {**base, **extra, "train": {**base["train"], "out": str(tmp / name)}})
+            for name, extra in modes}
+    results = time_modes(cfgs, args.warmup, args.iterations)
+    for name, r in results.items():
+        print(f"{name:22s} step {r['step_s'] * 1e3:8.1f} ms   iteration {r['iteration_s'] * 1e3:8.1f} ms", flush=True)
     ref = results["student_only"]
     for name in results:
         if name != "student_only":

@@ -35,6 +35,22 @@ def all_valid() -> torch.Tensor:
     return torch.ones(B, H, W, dtype=torch.bool)
 
 
+def d_step(term: HolisticTerm, student: torch.Tensor, teacher_log_probs: torch.Tensor, images: torch.Tensor,
+           valid: torch.Tensor, weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """One training step's adversarial part, as the trainer runs it: losses, one backward, update."""
+    backprop, logged = term.losses(student, teacher_log_probs, images, valid, weight)
+    backprop.backward()
+    term.update()
+    return logged
+
+
+def converge_spectral_norms(d: Discriminator) -> None:
+    """Power-iterate every spectral norm to its fixed point, so that more forwards leave σ as it is."""
+    for module in d.modules():
+        if hasattr(module, "_power_iteration"):
+            module._power_iteration(300)
+
+
 def offset_student(teacher_log_probs: torch.Tensor) -> torch.Tensor:
     """Student logits of the same distribution: teacher log-probs plus a large per-pixel constant."""
     return teacher_log_probs + 10.0 * torch.randn(B, 1, H, W)
@@ -66,7 +82,7 @@ def test_offset_student_gives_the_teacher_inputs_and_zero_critic_gap(conditionin
     torch.testing.assert_close(fake, expected, rtol=0, atol=1e-5)
     assert (condition is None) == (conditioning == "logits")
     # Identical inputs in one batch get identical scores: the critic gap (the WGAN d_adv) is 0.
-    out = term.discriminator_step(student, teacher_log_probs, images, all_valid())
+    out = d_step(term, student, teacher_log_probs, images, all_valid())
     assert abs(out["d_adv"].item()) < 1e-5
 
 
@@ -89,9 +105,9 @@ def test_real_and_fake_go_through_batchnorm_in_one_batch():
     torch.testing.assert_close(seen[0][B:], torch.log_softmax(student, dim=1))
 
     seen.clear()
-    term.discriminator_step(student, teacher_log_probs, images, all_valid())
-    # First the adversarial batch [real; fake], then the penalty's interpolates.
-    assert [x.shape[0] for x in seen] == [2 * B, B]
+    d_step(term, student, teacher_log_probs, images, all_valid())
+    # The generator term's batch, D's own adversarial batch [real; fake], the penalty's interpolates.
+    assert [x.shape[0] for x in seen] == [2 * B, 2 * B, B]
     torch.testing.assert_close(seen[0][:B], teacher_log_probs, rtol=0, atol=1e-5)
     torch.testing.assert_close(seen[0][B:], torch.log_softmax(student, dim=1))
 
@@ -177,7 +193,7 @@ def test_gradient_penalty_ignores_the_image_channels():
         return (w * x).sum(dim=(1, 2, 3))
 
     term.discriminator.score = critic  # score_maps concatenates [maps, condition] and calls this
-    out = term.discriminator_step(student, teacher_log_probs, images, valid)
+    out = d_step(term, student, teacher_log_probs, images, valid)
 
     lam_ho, lam_gp = 0.5, 10.0
     assert out["d_gp"].item() == pytest.approx(lam_ho * lam_gp * (2.0 - 1.0) ** 2, rel=1e-5)
@@ -213,7 +229,7 @@ def test_padding_is_blanked_identically_in_real_and_fake(conditioning):
     uniform = -math.log(C) if conditioning == "logits" else 1.0 / C  # normalised all-zero logits
     pad = ~valid[:, None].expand(B, C, H, W)
     torch.testing.assert_close(fake[pad], torch.full_like(fake[pad], uniform))
-    out = term.discriminator_step(student, teacher_log_probs, images, valid)
+    out = d_step(term, student, teacher_log_probs, images, valid)
     assert abs(out["d_adv"].item()) < 1e-5 and torch.isfinite(out["d_gp"])
 
 
@@ -222,19 +238,61 @@ def test_padding_is_blanked_identically_in_real_and_fake(conditioning):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("d_loss, d_optimizer", [("wgan", "sgd"), ("hinge", "adam")])
-def test_discriminator_step_trains_d_and_returns_weighted_tensors(d_loss, d_optimizer):
+@pytest.mark.parametrize("conditioning, d_loss, d_optimizer",
+                         [("image", "wgan", "sgd"), ("logits", "wgan", "adam"), ("image", "hinge", "adam")])
+def test_a_step_trains_d_and_returns_weighted_tensors(conditioning, d_loss, d_optimizer):
     teacher_log_probs, images = teacher_and_images()
     torch.manual_seed(1)
     student = torch.randn(B, C, H, W, requires_grad=True)
-    term = make_term("logits", d_loss=d_loss, d_optimizer=d_optimizer, iterations=10)
+    teacher_log_probs.requires_grad_(True)
+    term = make_term(conditioning, d_loss=d_loss, d_optimizer=d_optimizer, iterations=10)
     before = [p.detach().clone() for p in term.discriminator.parameters()]
-    out = term.discriminator_step(student, teacher_log_probs, images, all_valid())
-    assert set(out) == ({"d_adv", "d_gp"} if d_loss == "wgan" else {"d_adv"})
+    out = d_step(term, student, teacher_log_probs, images, all_valid())
+    assert set(out) == ({"ho", "d_adv", "d_gp"} if d_loss == "wgan" else {"ho", "d_adv"})
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in out.values())
-    assert student.grad is None  # the student is detached
+    assert student.grad is not None and student.grad.abs().sum() > 0  # the adversarial term's pull
+    assert teacher_log_probs.grad is None
     assert any(not torch.equal(a, p) for a, p in zip(before, term.discriminator.parameters()))
     assert term.scheduler.get_last_lr()[0] == pytest.approx(1e-2 * (1 - 1 / 10) ** 0.9)
+
+
+@pytest.mark.parametrize("conditioning, d_loss", [("image", "wgan"), ("logits", "wgan"), ("image", "hinge")])
+def test_one_backward_gives_the_generator_and_discriminator_gradients(conditioning, d_loss):
+    """The student's gradient is that of weight·λ_ho·(−mean D(fake)) with D frozen, and D's is that of
+    λ_ho·L_D(D(real), D(fake)) with the fake maps detached: a generator step and a discriminator step
+    at the same D, computed here by hand with a copy of D."""
+    teacher_log_probs, images = teacher_and_images()
+    torch.manual_seed(1)
+    student = torch.randn(B, C, H, W, requires_grad=True)
+    term = make_term(conditioning, d_loss=d_loss)
+    term.lambda_gp = 0.0  # the penalty is tested on its own; here it would only add its random α
+    with torch.no_grad():
+        term.discriminator.attn1.gamma.fill_(0.5)
+        term.discriminator.attn2.gamma.fill_(-0.3)
+    converge_spectral_norms(term.discriminator)
+    d = copy.deepcopy(term.discriminator)
+    weight, lam = 0.7, 0.5
+
+    def prepare(x):
+        if conditioning == "logits":
+            return torch.log_softmax(x, dim=1)
+        return torch.cat([torch.softmax(x, dim=1), images], dim=1)  # images are at the map size
+
+    fake_scores = d.score(torch.cat([prepare(teacher_log_probs), prepare(student)]))[B:]
+    (student_grad,) = torch.autograd.grad(weight * lam * -fake_scores.mean(), student)
+    d.zero_grad()
+    scores = d.score(torch.cat([prepare(teacher_log_probs), prepare(student.detach())]))
+    real, fake = scores[:B], scores[B:]
+    d_loss_value = (fake.mean() - real.mean()) if d_loss == "wgan" else (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+    (lam * d_loss_value).backward()
+
+    backprop, logged = term.losses(student, teacher_log_probs, images, all_valid(), weight)
+    backprop.backward()
+    torch.testing.assert_close(student.grad, student_grad, rtol=1e-4, atol=1e-7)
+    for (name, p), q in zip(term.discriminator.named_parameters(), d.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)
+    torch.testing.assert_close(logged["ho"], weight * lam * -fake_scores.mean().detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(logged["d_adv"], lam * d_loss_value.detach(), rtol=1e-5, atol=1e-7)
 
 
 def test_state_dict_round_trip_continues_identically():
@@ -242,7 +300,7 @@ def test_state_dict_round_trip_continues_identically():
     torch.manual_seed(1)
     student = torch.randn(B, C, H, W)
     first = make_term("logits", d_optimizer="adam")
-    first.discriminator_step(student, teacher_log_probs, images, all_valid())
+    d_step(first, student, teacher_log_probs, images, all_valid())
     state = first.state_dict()
     assert set(state) == {"discriminator", "d_optimizer", "d_scheduler"}
     torch.manual_seed(5)
@@ -251,7 +309,7 @@ def test_state_dict_round_trip_continues_identically():
     results = []
     for term in (first, second):
         torch.manual_seed(3)  # the same penalty interpolation
-        results.append(term.discriminator_step(student, teacher_log_probs, images, all_valid()))
+        results.append(d_step(term, student, teacher_log_probs, images, all_valid()))
     for name in results[0]:
         torch.testing.assert_close(results[0][name], results[1][name])
     for a, b in zip(first.discriminator.state_dict().values(), second.discriminator.state_dict().values()):
@@ -267,7 +325,7 @@ def test_lazy_gradient_penalty_runs_every_nth_step_at_n_times_the_weight():
         torch.manual_seed(0)  # the same D
         term = make_term("image", gp_every=every)
         torch.manual_seed(7)  # the same interpolation on the first step
-        penalties[every] = [term.discriminator_step(student, teacher_log_probs, images, all_valid())["d_gp"].item()
+        penalties[every] = [d_step(term, student, teacher_log_probs, images, all_valid())["d_gp"].item()
                             for _ in range(6)]
     lazy = penalties[3]
     assert [v != 0 for v in lazy] == [True, False, False, True, False, False]

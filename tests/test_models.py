@@ -22,7 +22,7 @@ from pipeline.models import (
     load_checkpoint_state,
     load_reference_pspnet,
 )
-from pipeline.models.discriminator import SelfAttention
+from pipeline.models.discriminator import SelfAttention, SpectralNormConv2d
 from pipeline.models.pspnet import PSPModule
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -451,7 +451,7 @@ def test_discriminator_scores_one_per_image(conditioning, logit_size, image_size
 def test_discriminator_layers():
     d = Discriminator(num_classes=19)
     for conv, (c_in, c_out) in zip((d.conv1, d.conv2, d.conv3, d.conv4), ((22, 64), (64, 128), (128, 256), (256, 512))):
-        assert parametrize.is_parametrized(conv, "weight")
+        assert isinstance(conv, SpectralNormConv2d)
         assert (conv.in_channels, conv.out_channels) == (c_in, c_out)
         assert conv.kernel_size == (4, 4) and conv.stride == (2, 2) and conv.padding == (1, 1)
     assert not parametrize.is_parametrized(d.last)
@@ -474,6 +474,39 @@ def test_discriminator_image_input():
     torch.testing.assert_close(d(logits, image), d(logits + 3.0, image))
     with pytest.raises(ValueError):
         d(logits)
+
+
+def test_spectral_norm_conv_is_torchs_spectral_norm_dividing_the_output():
+    """The same init (same seed), outputs, gradients and power iteration as
+    ``spectral_norm(nn.Conv2d)``, and its state dict (an older checkpoint's) loads."""
+    torch.manual_seed(0)
+    ours = SpectralNormConv2d(6, 8, 4, stride=2, padding=1)
+    torch.manual_seed(0)
+    reference = nn.utils.parametrizations.spectral_norm(nn.Conv2d(6, 8, 4, stride=2, padding=1))
+    torch.testing.assert_close(ours.weight, reference.parametrizations.weight.original)
+    x = torch.randn(3, 6, 12, 10)
+    for mode in ("train", "train", "eval"):
+        ours.train(mode == "train")
+        reference.train(mode == "train")
+        ours.zero_grad()
+        reference.zero_grad()
+        out, expected = ours(x), reference(x)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        (out * x.new_tensor(range(out.numel())).view_as(out)).sum().backward()
+        (expected * x.new_tensor(range(out.numel())).view_as(out)).sum().backward()
+        torch.testing.assert_close(ours.weight.grad, reference.parametrizations.weight.original.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.bias.grad, reference.bias.grad)
+    # σ is the largest singular value once the power iteration has converged.
+    ours._power_iteration(500)
+    torch.testing.assert_close(ours.sigma(), torch.linalg.matrix_norm(ours.weight.detach().flatten(1), ord=2), rtol=1e-5, atol=0)
+
+    loaded = SpectralNormConv2d(6, 8, 4, stride=2, padding=1)
+    loaded.load_state_dict(reference.state_dict())
+    torch.testing.assert_close(loaded.u, reference.parametrizations.weight[0]._u)
+    loaded.eval(), reference.eval()
+    torch.testing.assert_close(loaded(x), reference(x), rtol=1e-5, atol=1e-6)
+    # Parameters in the same order (bias, then weight), so an optimiser's state loads too.
+    assert [p.shape for p in loaded.parameters()] == [p.shape for p in reference.parameters()]
 
 
 def test_self_attention_identity_at_init_and_uniform_attention():

@@ -8,9 +8,11 @@ so that only the class distributions can tell them apart:
   ``"logits"``), which removes the log-sum-exp offset between student logits and teacher
   log-probabilities;
 * real and fake are scored in one concatenated batch, so D's BatchNorm input layer (``"logits"``)
-  normalises them with the same statistics, in the discriminator step and in the generator step
-  (where a D without batch statistics, ``"image"`` conditioning, scores the fake maps alone: the
-  same numbers for half the work).
+  normalises them with the same statistics.
+
+With the paper's setting (WGAN loss, ``"image"`` conditioning) one D forward and one backward per
+step serve both the student's adversarial term and D's own loss (``HolisticTerm.losses``); the
+other settings score the maps twice, as a generator step and a discriminator step.
 
 The WGAN-GP penalty interpolates the normalised maps only; the resized image is a fixed condition
 and its channels take no part in the gradient norm (the student cannot move them).
@@ -32,6 +34,19 @@ from pipeline.train.distributed import average_gradients, broadcast_module, curr
 from pipeline.train.schedule import Progress, poly_schedule
 
 
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``factor`` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:  # noqa: ANN001
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
+        return grad * ctx.factor, None
+
+
 class HolisticTerm:
     """The λ_ho-weighted adversarial term of the student loss and the online discriminator.
 
@@ -41,9 +56,10 @@ class HolisticTerm:
         iterations, poly_power: the poly schedule of D's learning rate (the student's schedule: a
             number of steps, or the trainer's ``Progress`` for a wall-clock budget).
         device: where D lives.
-        autocast_cuda: run D's forward in the generator step under bf16 autocast, on CUDA only (as
-            the trainer runs the student). The discriminator step stays in float32: the gradient
-            penalty differentiates twice.
+        autocast_cuda: run D's forward in a separate generator step (hinge loss or ``"logits"``
+            conditioning) under bf16 autocast, on CUDA only (as the trainer runs the student). D's
+            own loss, and the joint forward that serves both, stay in float32: the gradient penalty
+            differentiates twice, and D's weights are updated from these gradients.
     """
 
     def __init__(
@@ -109,9 +125,48 @@ class HolisticTerm:
         scores = self.discriminator.score_maps(torch.cat([real, fake]), both).float()
         return scores[: real.shape[0]], scores[real.shape[0]:]
 
-    # -- student side ------------------------------------------------------------------------------
+    # -- one training step ------------------------------------------------------------------------
+    def losses(
+        self, student_logits: Tensor, teacher_log_probs: Tensor, images: Tensor, valid: Tensor, weight: float = 1.0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """This step's adversarial terms, for one backward together with the student's loss.
+
+        Returns ``(backprop, logged)``. ``backward()`` of ``backprop`` (added to the student's loss)
+        puts on the student the gradient of its term ``weight·λ_ho·L_G`` and on D's parameters the
+        gradient of D's loss (``λ_ho·L_D`` plus the penalty), both at D's current weights, as a
+        generator step followed by a discriminator step on the same maps would. ``update()`` then
+        steps D. ``logged`` holds the values, detached: "ho" (the student's term), "d_adv", "d_gp".
+
+        With the paper's WGAN loss and a D that scores each sample alone, L_G = −mean D(fake) is
+        −1 × the fake half of L_D, so one D forward over [real; fake] serves both: the fake maps pass
+        through a gradient scale of −weight, and D's loss's gradient reaching the student is the
+        generator's. Otherwise (hinge, or the BatchNorm of ``"logits"`` conditioning, where the real
+        half's scores depend on the fake maps) the generator term scores the maps with D frozen,
+        and D's loss scores them again, detached.
+        """
+        self.discriminator.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.kind == "wgan" and self.discriminator.batch_independent:
+            real, fake, condition = self.inputs(student_logits, teacher_log_probs, images, valid)
+            d_real, d_fake = self._scores(real, _ScaleGradient.apply(fake, -weight), condition)
+            d_adv = self.lambda_ho * discriminator_loss(d_real, d_fake, self.kind)
+            logged = {"ho": (weight * self.lambda_ho * generator_loss(d_fake, self.kind)).detach()}
+            backprop = d_adv
+        else:
+            g = weight * self.generator_loss(student_logits, teacher_log_probs, images, valid)
+            real, fake, condition = self.inputs(student_logits.detach(), teacher_log_probs, images, valid)
+            d_adv = self.lambda_ho * discriminator_loss(*self._scores(real, fake, condition), self.kind)
+            logged = {"ho": g.detach()}
+            backprop = g + d_adv
+        logged["d_adv"] = d_adv.detach()
+        if self.kind == "wgan":
+            d_gp = self._penalty(real, fake.detach(), condition)
+            logged["d_gp"] = d_gp.detach()  # zero on steps without it: the same keys every step (one sync, logs)
+            backprop = backprop + d_gp
+        return backprop, logged
+
     def generator_loss(self, student_logits: Tensor, teacher_log_probs: Tensor, images: Tensor, valid: Tensor) -> Tensor:
-        """λ_ho-weighted adversarial loss for the student (gradients flow to student_logits only; D's parameters get none)."""
+        """λ_ho·L_G alone, with D frozen: gradients flow to student_logits only."""
         real, fake, condition = self.inputs(student_logits, teacher_log_probs, images, valid)
         self.discriminator.train()
         self.discriminator.requires_grad_(False)
@@ -125,36 +180,29 @@ class HolisticTerm:
             self.discriminator.requires_grad_(True)
         return self.lambda_ho * generator_loss(d_fake, self.kind)
 
-    # -- discriminator side ------------------------------------------------------------------------
-    def discriminator_step(
-        self, student_logits: Tensor, teacher_log_probs: Tensor, images: Tensor, valid: Tensor
-    ) -> dict[str, Tensor]:
-        """One optimiser + scheduler step of D on detached inputs; returns {"d_adv": ..., "d_gp": ...} (λ-weighted, d_gp only for wgan) as tensors (no .item(): the caller syncs once)."""
-        real, fake, condition = self.inputs(student_logits.detach(), teacher_log_probs, images, valid)
-        self.discriminator.train()
-        d_real, d_fake = self._scores(real, fake, condition)
-        losses = {"d_adv": self.lambda_ho * discriminator_loss(d_real, d_fake, self.kind)}
-        # Lazy regularisation (StyleGAN2): the penalty on every gp_every-th D step only, weighted by
-        # gp_every so that its mean pull stays the same. The count is the scheduler's, which
-        # checkpoints keep, so a resumed run penalises the same steps.
-        if self.kind == "wgan" and self.scheduler.last_epoch % self.gp_every == 0:
-            # The critic is scored on interpolated maps with the image held fixed; the gradient
-            # (and so the penalty) is taken w.r.t. the maps only.
-            # α for the global batch, this rank's slice of it: the same draws as one process.
-            world, b = current(), real.shape[0]
-            alpha = torch.rand(b * world.size, device=real.device)[world.rank * b : (world.rank + 1) * b]
-            gp = gradient_penalty(self.discriminator.score_maps, real, fake, condition, alpha)
-            losses["d_gp"] = self.lambda_ho * self.lambda_gp * self.gp_every * gp
-        elif self.kind == "wgan":
-            losses["d_gp"] = torch.zeros((), device=real.device)  # the same keys every step (one sync, logs)
-        self.optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
+    def _penalty(self, real: Tensor, fake: Tensor, condition: Tensor | None) -> Tensor:
+        """λ_ho·λ_gp·gp_every × the WGAN-GP penalty on every gp_every-th D step, else 0.
+
+        Lazy regularisation (StyleGAN2): weighted by gp_every so that its mean pull stays the same.
+        The count is the scheduler's, which checkpoints keep, so a resumed run penalises the same steps.
+        """
+        if self.scheduler.last_epoch % self.gp_every != 0:
+            return torch.zeros((), device=real.device)
+        # The critic is scored on interpolated maps with the image held fixed; the gradient (and so
+        # the penalty) is taken w.r.t. the maps only. α for the global batch, this rank's slice of
+        # it: the same draws as one process.
+        world, b = current(), real.shape[0]
+        alpha = torch.rand(b * world.size, device=real.device)[world.rank * b : (world.rank + 1) * b]
+        gp = gradient_penalty(self.discriminator.score_maps, real, fake, condition, alpha)
+        return self.lambda_ho * self.lambda_gp * self.gp_every * gp
+
+    def update(self) -> None:
+        """D's optimiser and scheduler step, after the backward of ``losses``' ``backprop``."""
         # Under torchrun each rank scores its own samples; D's update is the mean over ranks (every
         # rank starts from the same seeded D and so stays in step).
         average_gradients(self.discriminator.parameters())
         self.optimizer.step()
         self.scheduler.step()
-        return {name: value.detach() for name, value in losses.items()}
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -10,11 +10,64 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import spectral_norm
 
 CONDITIONINGS = ("image", "logits")
 # Four stride-2 convs and a final 4×4 conv (padding 1) leave at least 1×1 from 32×32.
 MIN_SIZE = 32
+
+
+class SpectralNormConv2d(nn.Module):
+    """A conv whose weight is divided by its largest singular value σ, estimated by power iteration.
+
+    The same function, gradients and state as ``spectral_norm(nn.Conv2d(...))`` from
+    ``torch.nn.utils.parametrizations`` (one power-iteration step per training forward, u and v held
+    constant in the gradient, σ = uᵀWv), but σ divides the conv's *output* instead of its weight:
+    conv(x, W/σ) = conv(x, W)/σ. The discriminator's weights (up to 2 M values) are much larger than
+    its outputs on segmentation maps, and dividing them and differentiating the division cost more
+    than the convolutions themselves on a CPU.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 eps: float = 1e-12) -> None:
+        super().__init__()
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)  # its default init
+        # bias before weight: the parameter order of the parametrized conv, so optimiser states of
+        # checkpoints written with it load.
+        self.bias = nn.Parameter(conv.bias.detach())
+        self.weight = nn.Parameter(conv.weight.detach())
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.eps = eps
+        self.register_buffer("u", F.normalize(torch.empty(out_channels).normal_(0, 1), dim=0, eps=eps))
+        self.register_buffer("v", F.normalize(torch.empty(self.weight[0].numel()).normal_(0, 1), dim=0, eps=eps))
+        # As torch's spectral_norm starts: 15 steps, and one more in the forward its registration runs.
+        self._power_iteration(16)
+
+    @torch.no_grad()
+    def _power_iteration(self, steps: int) -> None:
+        weight = self.weight.flatten(1)
+        for _ in range(steps):  # in place, as torch does (buffers shared with replicas stay current)
+            F.normalize(torch.mv(weight, self.v), dim=0, eps=self.eps, out=self.u)
+            F.normalize(torch.mv(weight.T, self.u), dim=0, eps=self.eps, out=self.v)
+
+    def sigma(self) -> Tensor:
+        """σ = uᵀWv, differentiable in W (u and v are constants)."""
+        return torch.vdot(self.u.clone(), torch.mv(self.weight.flatten(1), self.v.clone()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self._power_iteration(1)
+        out = F.conv2d(x, self.weight, None, self.stride, self.padding)
+        sigma = self.sigma().to(out.dtype)
+        return out / sigma + self.bias.to(out.dtype)[:, None, None]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        # Checkpoints written with torch's parametrized spectral_norm name the same tensors so.
+        for old, new in (("parametrizations.weight.original", "weight"),
+                         ("parametrizations.weight.0._u", "u"), ("parametrizations.weight.0._v", "v")):
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class SelfAttention(nn.Module):
@@ -64,11 +117,11 @@ class Discriminator(nn.Module):
         # Without BatchNorm each sample's score depends on that sample alone.
         self.batch_independent = conditioning != "logits"
 
-        self.conv1 = spectral_norm(nn.Conv2d(self.input_channels, 64, 4, stride=2, padding=1))
-        self.conv2 = spectral_norm(nn.Conv2d(64, 128, 4, stride=2, padding=1))
-        self.conv3 = spectral_norm(nn.Conv2d(128, 256, 4, stride=2, padding=1))
+        self.conv1 = SpectralNormConv2d(self.input_channels, 64, 4, stride=2, padding=1)
+        self.conv2 = SpectralNormConv2d(64, 128, 4, stride=2, padding=1)
+        self.conv3 = SpectralNormConv2d(128, 256, 4, stride=2, padding=1)
         self.attn1 = SelfAttention(256)
-        self.conv4 = spectral_norm(nn.Conv2d(256, 512, 4, stride=2, padding=1))
+        self.conv4 = SpectralNormConv2d(256, 512, 4, stride=2, padding=1)
         self.attn2 = SelfAttention(512)
         self.last = nn.Conv2d(512, 1, 4, padding=1)
 

@@ -307,22 +307,27 @@ class Trainer:
             if "pa" in self.terms:
                 node = resolve_node_size(out_hw, d.pa_node)
                 losses["pa"] = weight * d.lambda_pa * pairwise_loss(out.features.float(), t_features, node, valid)
-            if "ho" in self.terms:
-                losses["ho"] = weight * self.holistic.generator_loss(logits, t_logits, images, valid)
             if "fd" in self.terms:
                 adapted = self.adapt(out.features.float())
                 losses["fd"] = weight * d.lambda_fd * feature_loss(adapted, t_features, valid, d.fd_normalize)
+        # The adversarial terms join the student's loss in one backward: it gives the student its
+        # adversarial gradient and D its loss's gradient (see HolisticTerm.losses).
+        backprop, logged = torch.zeros((), device=self.device), {}
+        if self.holistic is not None:
+            with record_function("discriminator"):
+                backprop, logged = self.holistic.losses(logits, t_logits, images, valid, weight)
+        total = sum(losses.values()) + backprop
         if grad_norms:
-            losses |= {f"grad_{name}": _grad_norm(loss, out.features) for name, loss in list(losses.items())}
+            pulls = losses | ({"ho": backprop} if "ho" in self.terms else {})  # only the student's term reaches the features
+            logged |= {f"grad_{name}": _grad_norm(loss, out.features) for name, loss in pulls.items()}
         with record_function("backward and update"):
-            total = sum(v for k, v in losses.items() if not k.startswith("grad_"))
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             self.optimizer.step()
             self.scheduler.step()
-        if self.holistic is not None:
-            with record_function("discriminator step"):
-                losses |= self.holistic.discriminator_step(logits.detach(), t_logits, images, valid)
+            if self.holistic is not None:
+                self.holistic.update()
+        losses |= logged
         # The step's one host sync. A non-finite value stops the run; the state on disk is the last
         # checkpoint, written before this step.
         return self._checked_values(losses)
