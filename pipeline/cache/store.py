@@ -276,6 +276,7 @@ class TeacherStore:
         self.url = str(url)
         self.storage_options = storage_options
         self._group: zarr.Group | None = None
+        self._arrays: dict[str, zarr.Array] = {}  # opened once per process: opening reads metadata
         self._pid: int | None = None
         attrs = dict(self.group.attrs)
         if attrs.get("format") != FORMAT:
@@ -321,12 +322,19 @@ class TeacherStore:
     def group(self) -> zarr.Group:
         if self._group is None or self._pid != os.getpid():
             self._group = _open_group(self.url, self.storage_options)
+            self._arrays = {}
             self._pid = os.getpid()
         return self._group
 
+    def _array(self, name: str) -> zarr.Array:
+        group = self.group  # (re)opened in a new process, which empties the handles too
+        if name not in self._arrays:
+            self._arrays[name] = group[name]
+        return self._arrays[name]
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_group"] = None  # never ship an open store handle to a worker
+        state["_group"], state["_arrays"] = None, {}  # never ship an open store handle to a worker
         return state
 
     def __len__(self) -> int:
@@ -380,7 +388,7 @@ class TeacherStore:
         """``group[name][region]`` as float32; a chunk that fails its checksum or cannot be decoded
         is reported with the image it belongs to."""
         try:
-            values = np.asarray(self.group[name][region], dtype=np.float32)
+            values = np.asarray(self._array(name)[region], dtype=np.float32)
         except Exception as exc:  # zarr/numcodecs raise ValueError, RuntimeError, ... for a bad chunk
             raise SkdError(f"{redact(self.url)}: {name} of image {self.ids[index]!r} (#{index}) cannot be read "
                            f"({type(exc).__name__}: {scrub(exc)}); the store is damaged: run skd cache-verify on it, "
