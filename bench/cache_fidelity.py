@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from feature_codecs import encoded  # noqa: E402
-from pipeline.cache.store import TeacherStore  # noqa: E402
+from pipeline.cache.store import FEATURE_ARRAYS, TeacherStore, logit_size  # noqa: E402
 from pipeline.inference import predict  # noqa: E402
 from pipeline.data import build_dataset  # noqa: E402
 from pipeline.data.transforms import normalize  # noqa: E402
@@ -87,8 +87,8 @@ def main() -> None:
             # The pair-wise loss against a (random) student, from decoded vs exact teacher features,
             # for nodes of 1 and 2 stored cells and of a quarter and half of the map.
             fh, fw = exact.shape[-2:]
-            decoded = torch.from_numpy(store.group["features"][i][None]).to(device)[..., :fh, :fw]
-            decoded = decoded * torch.from_numpy(store.feature_scale[i])[:, None, None] + torch.from_numpy(store.feature_offset[i])[:, None, None]
+            rows, cols = logit_size(store.image_hw[i])
+            decoded = torch.from_numpy(store.read_features(i, (slice(0, rows), slice(0, cols)))[None]).to(device)
             student = torch.randn(1, 32, fh, fw, generator=torch.Generator().manual_seed(i)).to(device)
             for node in ((1, 1), (2, 2), (max(1, fh // 4), max(1, fw // 4)), (max(1, fh // 2), max(1, fw // 2))):
                 want = pairwise_loss(student, exact, node).item()
@@ -100,8 +100,8 @@ def main() -> None:
         "device": str(device), "images": n, "codecs": store.attrs["codecs"],
         "format_version": store.version,
         "logits_bytes_per_image": store.bytes_on_disk(store.level_arrays[1.0]) / n,
-        # The features with their per-channel scales and offsets.
-        "features_bytes_per_image": sum(store.bytes_on_disk(name) for name in ("features", "feature_scale", "feature_offset")
+        # The features with their per-channel scales and offsets and their position scales.
+        "features_bytes_per_image": sum(store.bytes_on_disk(name) for name in FEATURE_ARRAYS
                                         if name in store.group.array_keys()) / n,
         # Format 1's codec (float16, zstd level 3, one chunk per image) on the same exact features.
         "format1_features_bytes_per_image": format1_features / n,

@@ -6,7 +6,9 @@ and encodes them in memory with zarr's own codecs, one chunk per image:
 
 - format 1: float16, zstd level 3 (the baseline of the bytes goal);
 - 8-bit codes with one scale and offset per image (format 2 before per-channel scaling);
-- 8-bit codes with one scale and offset per image and channel (format 2 now);
+- 8-bit codes with one scale and offset per image and channel (format 2 until position scales);
+- each position divided by its largest |value| (float16), then 127 levels per image and channel
+  (format 2 now: the store's own encoder), and the same at 255 and 63 levels;
 - uint16 codes of one fixed step per image (a multiple of the features' RMS);
 - the top-k PCA coordinates (fitted on the first half of the images), 8 bits per coordinate and channel;
 - BitRound (float16 keeping m mantissa bits) with bit-shuffled zstd.
@@ -36,6 +38,8 @@ from zarr.codecs.numcodecs import BitRound
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.cache.store import FEATURE_LEVELS  # noqa: E402
+from pipeline.cache.writer import _pooled_and_normalized  # noqa: E402
 from pipeline.data import build_dataset  # noqa: E402
 from pipeline.data.transforms import normalize  # noqa: E402
 from pipeline.distill.losses import pairwise_loss  # noqa: E402
@@ -82,6 +86,14 @@ def schemes(x: np.ndarray) -> dict[str, tuple[float, np.ndarray]]:
     span = np.maximum(hi - lo, 1e-12)
     size, codes = encoded((x - lo) / span, "float32", eight_bits(), [ZstdCodec(level=9)])
     out["8 bits, scale per image and channel"] = (size + 8 * c, codes * span + lo)
+    for levels in (127, 255, 63):
+        values, scale, offset, position = (t.numpy() for t in _pooled_and_normalized(torch.from_numpy(x), 1))
+        filters = [FixedScaleOffset(offset=0, scale=levels, dtype="<f4", astype="u1"), Delta(dtype="u1")]
+        size, codes = encoded(values, "float32", filters, [ZstdCodec(level=9)])
+        side, _ = encoded(position.astype(np.float32), "float16", None, [ZstdCodec(level=9)])
+        decoded = (codes * scale[..., None, None] + offset[..., None, None]) * position[:, None].astype(np.float32)
+        label = "format 2 now: " if levels == FEATURE_LEVELS else ""
+        out[f"{label}position scale, then {levels} levels per image and channel"] = (size + side + 8 * c, decoded)
     lo = x.min(axis=(1, 2, 3), keepdims=True)
     rms = np.sqrt((x ** 2).mean(axis=(1, 2, 3), keepdims=True))
     for q in (32, 64):

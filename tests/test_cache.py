@@ -147,12 +147,15 @@ def test_store_round_trip(val_store, teacher_ckpt, val_set):
     assert attrs["skd_version"] == pipeline.__version__
     time.strptime(attrs["created"][:19], "%Y-%m-%dT%H:%M:%S")  # an ISO time stamp
 
-    # The reader gives the same arrays, cut to the image's true extent.
+    # The reader gives the same maps, cut to the image's true extent, and the features decoded as
+    # the attributes say: (stored x scale + offset, per channel) x position scale.
     store = TeacherStore(val_store)
     store.check_matches(val_set)
     cached_logits, cached_features = store.read(2)
     np.testing.assert_array_equal(cached_logits, logits[2])
-    np.testing.assert_array_equal(cached_features, features[2])
+    decoded = ((features[2] * group["feature_scale"][2][:, None, None] + group["feature_offset"][2][:, None, None])
+               * group["feature_position_scale"][2].astype(np.float32))
+    np.testing.assert_allclose(cached_features, decoded, rtol=1e-6, atol=0)
 
 
 def test_stored_logits_match_float32_teacher(val_store, teacher_ckpt, val_set):
@@ -473,7 +476,8 @@ def test_cache_teacher_with_windows_and_levels_records_them(tmp_path, val_set):
 
 def test_huge_features_are_stored_scaled_and_replay_exactly(tmp_path, val_set):
     # Features of 1e6 (a randomly initialised ResNet-101 reaches 8e5): beyond float16's 65504. The
-    # other channels are far smaller: each keeps 8 bits of its own range, not of the largest one's.
+    # other channels are far smaller: each keeps 7 bits of its own range after each position is
+    # divided by its largest |value| (the precision the pair-wise loss's unit-length nodes need).
     teacher = StrideEightTeacher(feature_gain=[1e6, 1.0, 1e-2, 1e3]).eval()
     info = {"name": "stride8", "num_classes": 8, "weights_sha256": "0" * 64}
     store = TeacherStore(cache_teacher(teacher, info, val_set, tmp_path / "big.zarr", batch_size=2, feature_pool=1,
@@ -484,9 +488,14 @@ def test_huge_features_are_stored_scaled_and_replay_exactly(tmp_path, val_set):
     exact = predict(teacher, images)[1].numpy()
     assert np.abs(exact).max() > 65504
     assert store.feature_scale.shape == (LENGTH, exact.shape[1])
-    restored = stored * store.feature_scale[:, :, None, None] + store.feature_offset[:, :, None, None]
-    # 8 bits: within half a step (1/510) of each channel's range in its image.
-    half_step = (exact.max(axis=(2, 3)) - exact.min(axis=(2, 3)))[:, :, None, None] / 510
+    restored = np.stack([store.read_features(i, (slice(0, LOGIT_HW[0]), slice(0, LOGIT_HW[1]))) for i in range(LENGTH)])
+    # 127 levels: within half a step (1/254) of each channel's range of x / peak, times the position's
+    # peak (the stored one: the largest |value| there, rounded to float16 and relative to the image's).
+    peak = store.group["feature_position_scale"][:].astype(np.float32)[:, None]
+    np.testing.assert_allclose(peak, np.abs(exact).max(axis=1, keepdims=True) / np.abs(exact).max(axis=(1, 2, 3), keepdims=True),
+                               rtol=1e-3)
+    relative = exact / peak
+    half_step = (relative.max(axis=(2, 3)) - relative.min(axis=(2, 3)))[:, :, None, None] / 254 * peak
     assert (np.abs(restored - exact) <= half_step * 1.01).all()
     # Replay hands the trainer the teacher's own values.
     batch = collate([TrainingSamples(val_set, AugmentConfig(), store)[i] for i in range(2)])

@@ -83,12 +83,15 @@ def test_a_projected_store_decodes_with_plain_zarr_as_its_attributes_say(tmp_pat
     assert group["features"].shape[1] == 3 and group["feature_components"].shape == (12, 3)
     assert group["features"].metadata.dimension_names == ("image", "channel", "y", "x")
     # The decode, done by hand from the arrays as zarr returns them.
-    z = group["features"][:] * group["feature_scale"][:][..., None, None] + group["feature_offset"][:][..., None, None]
+    position = group["feature_position_scale"][:].astype(np.float32)[:, None]
+    z = (group["features"][:] * group["feature_scale"][:][..., None, None]
+         + group["feature_offset"][:][..., None, None]) * position
     decoded = np.einsum("ck,nkyx->ncyx", group["feature_components"][:], z) + group["feature_mean"][:][:, None, None]
     exact = teacher_features(teacher, dataset).numpy()
-    # Rank 3, so only the 8-bit rounding of each coordinate is lost: at most half a step per
-    # coordinate, through orthonormal directions (each component's entries at most 1 in size).
-    half_steps = (group["feature_scale"][:] / 510).sum(axis=1)[:, None, None, None]
+    # Rank 3, so only the 7-bit rounding of each coordinate is lost: at most half a step per
+    # coordinate (times its position's scale), through orthonormal directions (each component's
+    # entries at most 1 in size).
+    half_steps = (group["feature_scale"][:] / 254).sum(axis=1)[:, None, None, None] * position
     assert (np.abs(decoded - exact) <= half_steps * 1.01).all()
     store = TeacherStore(path)
     assert store.projection is not None and store.feature_channels == 3

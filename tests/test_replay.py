@@ -81,9 +81,9 @@ def test_replay_of_grid_aligned_crop_equals_teacher_on_crop(tmp_path, monkeypatc
     with torch.no_grad():
         on_crops = teacher(normalize(batch["image"]))
         unflipped = teacher(normalize(items[1]["image"].flip(-1))[None])
-    # Equal up to 8-bit storage: one step of log-probability (16/255), half a step of each image's
-    # feature range (at most max |f| / 255).
-    log_step, feature_step = 16 / 255 * 1.01, float(on_crops.features.abs().max()) / 255 * 1.01
+    # Equal up to 8-bit storage: one step of log-probability (16/255); features to half of 1/127 of
+    # a channel's range after division by the position's largest |value| (at most that |value| / 127).
+    log_step, feature_step = 16 / 255 * 1.01, float(on_crops.features.abs().max()) / 127 * 1.01
     torch.testing.assert_close(t_logits.log_softmax(1), on_crops.logits.log_softmax(1), atol=log_step, rtol=0)
     torch.testing.assert_close(t_features, on_crops.features, atol=feature_step, rtol=0)
     # The flipped sample's target is the mirror image of the teacher on the unflipped crop.
@@ -110,13 +110,14 @@ def test_replay_of_scaled_crop_samples_a_ramp_bilinearly(tmp_path, monkeypatch):
                               "ids": list(dataset.ids)}}
     partial = tmp_path / "ramp.zarr.partial"
     group = create_store(partial, provenance, np.array([[48, 64]]), num_classes=2, feature_channels=1, feature_pool=2)
-    # Ramps in whole 8-bit steps of the stored ranges, so that storage keeps them exactly.
+    # Ramps in whole steps of the stored codes, so that storage keeps them exactly.
     step = 16 / 255
     y, x = np.mgrid[0:6, 0:8].astype(np.float32)
     group["log_probs"][0] = np.stack([-step * (x + 10 * y), -step * (57 - x - 10 * y)])
     fy, fx = np.mgrid[0:3, 0:4].astype(np.float32)
-    group["features"][0] = ((fx + 10 * fy) / 255)[None]
-    group["feature_scale"][0], group["feature_offset"][0] = 255.0, 0.0
+    group["features"][0] = ((fx + 10 * fy) / 127)[None]  # the features' 127 levels
+    group["feature_scale"][0], group["feature_offset"][0] = 127.0, 0.0
+    group["feature_position_scale"][0] = 1.0
     group["done"][0] = True
     finalize(partial, tmp_path / "ramp.zarr")
     store = TeacherStore(tmp_path / "ramp.zarr")

@@ -107,8 +107,6 @@ class TrainingSamples(torch.utils.data.Dataset):
             pool = self.store.feature_pool
             targets["teacher_features"] = torch.from_numpy(features)
             targets["feature_box"] = targets["logit_box"] / pool
-            targets["feature_scale"] = torch.from_numpy(self.store.view_feature_scale[index, view])
-            targets["feature_offset"] = torch.from_numpy(self.store.view_feature_offset[index, view])
         return targets
 
     def _cached_targets(self, index: int, image_hw: tuple[int, int], box: torch.Tensor, scale: float) -> dict:
@@ -132,8 +130,6 @@ class TrainingSamples(torch.utils.data.Dataset):
             offset = torch.tensor([cols.start, rows.start, cols.start, rows.start], dtype=torch.float64)
             targets["teacher_features"] = torch.from_numpy(self.store.read_features(index, (rows, cols)))
             targets["feature_box"] = (box / OUTPUT_STRIDE - offset) / pool
-            targets["feature_scale"] = torch.from_numpy(self.store.feature_scale[index])
-            targets["feature_offset"] = torch.from_numpy(self.store.feature_offset[index])
         return targets
 
 
@@ -148,9 +144,6 @@ def collate(samples: list[dict]) -> dict:
         if key in samples[0]:
             batch[key] = _pad_stack([s[key] for s in samples])
             batch[box] = torch.stack([s[box] for s in samples]).float()
-    for key in ("feature_scale", "feature_offset"):
-        if key in samples[0]:
-            batch[key] = torch.stack([s[key] for s in samples])
     return batch
 
 
@@ -179,7 +172,4 @@ def replay_targets(batch: dict, out_hw: tuple[int, int]) -> tuple[torch.Tensor, 
     logits = replay(batch["teacher_logits"], batch["logit_box"], out_hw, batch["flip"])
     if "teacher_features" not in batch:
         return logits, None
-    features = replay(batch["teacher_features"], batch["feature_box"], out_hw, batch["flip"])
-    # Stored features are a per-channel affine map of the teacher's; interpolation commutes with it.
-    scale, offset = (batch[key].to(features.device)[..., None, None] for key in ("feature_scale", "feature_offset"))
-    return logits, features * scale + offset
+    return logits, replay(batch["teacher_features"], batch["feature_box"], out_hw, batch["flip"])

@@ -7,14 +7,17 @@ Layout, format 2 (opens with plain ``zarr.open_group``; zarr decodes every array
     log_probs  (N, C, h, w)  teacher log-probabilities at output stride 8, clipped at -16, 8-bit codes
     log_probs_x<s> (N, C, hs, ws)  optional extra levels: the teacher run on the image resized by s
                (attribute ``logit_levels``); replay reads the level nearest a crop's scale
-    features   (N, F, hf, wf)  PSP features max-pooled by ``feature_pool``, mapped per image and
-               channel onto [0, 1], 8-bit codes (absent with ``features: false``)
-    feature_scale, feature_offset (N, F)  features x scale + offset = the teacher's features
-               (per channel; stores written before per-channel scaling hold (N,): one per image)
+    features   (N, F, hf, wf)  PSP features max-pooled by ``feature_pool``, divided by a scale per
+               position, then mapped per image and channel onto [0, 1]; 7-bit codes in uint8
+               (absent with ``features: false``)
+    feature_scale, feature_offset (N, F), feature_position_scale (N, hf, wf)  the teacher's
+               features = (features x scale + offset) x position scale (stores written before
+               position scales have none: 1; before per-channel scaling, scale is (N,): one per image)
     view_*     optional bank of K augmented training views per image with the teacher's maps on
                each (``pipeline.cache.views``): view_crops (N, K, 5) int32, view_jitter (N, K, 3),
                view_log_probs (N, K, C, ho, wo), view_features (N, K, F, hf, wf), view_feature_scale
-               and view_feature_offset (N, K, F); attribute ``preprocessing.views``
+               and view_feature_offset (N, K, F), view_feature_position_scale (N, K, hf, wf);
+               attribute ``preprocessing.views``
     image_hw   (N, 2) int32  each image's true size; maps are top-left aligned on a fixed canvas
     done       (N,) bool     set after a shard's maps are written, so a re-run resumes
 
@@ -62,8 +65,14 @@ SHARD_IMAGES = 16
 # quantised to 8 bits; the writer keeps every other class at least one step below the top one, so
 # the stored argmax is the teacher's.
 LOG_PROB_RANGE = 16.0
-# Features are stored mapped per image and channel onto [0, 1] (features = stored x feature_scale +
-# feature_offset) and quantised to 8 bits: one step is 1/255 of the channel's range in that image.
+# Features are stored divided by a scale per position (the largest |value| over the channels there,
+# so that each position keeps its precision relative to itself: the pair-wise loss normalises every
+# node), then mapped per image and channel onto [0, 1] and quantised to 127 levels: the teacher's
+# features = (stored x feature_scale + feature_offset) x feature_position_scale. docs/CACHE.md
+# measures the choice: at the bytes of 8 bits per channel alone, a quarter of its pair-wise error.
+FEATURE_LEVELS = 127
+# The arrays one image's features are stored in, in the order the writer fills them.
+FEATURE_ARRAYS = ("features", "feature_scale", "feature_offset", "feature_position_scale")
 
 
 def log_prob_filters() -> list:
@@ -72,7 +81,7 @@ def log_prob_filters() -> list:
 
 
 def feature_filters() -> list:
-    return [FixedScaleOffset(offset=0, scale=255, dtype="<f4", astype="u1"), Delta(dtype="u1")]
+    return [FixedScaleOffset(offset=0, scale=FEATURE_LEVELS, dtype="<f4", astype="u1"), Delta(dtype="u1")]
 
 
 # The numcodecs filters are zarr-python's own (zarr.codecs.numcodecs); zarr warns that other
@@ -88,9 +97,10 @@ def compressors() -> list:
 CODECS = {
     "log_probs": f"float32 -> FixedScaleOffset(offset=-{LOG_PROB_RANGE:g}, scale=255/{LOG_PROB_RANGE:g}, uint8) -> "
                  "Delta(uint8) -> zstd(9) -> crc32c, in shards of images",
-    "features": "float32 in [0, 1] (per image and channel: x feature_scale + feature_offset = the features, or their PCA "
-                "coordinates: see decode) -> "
-                "FixedScaleOffset(offset=0, scale=255, uint8) -> Delta(uint8) -> zstd(9) -> crc32c, in shards of images",
+    "features": "float32 in [0, 1] ((x feature_scale + feature_offset, per image and channel) x feature_position_scale "
+                "= the features, or their PCA coordinates: see decode) -> "
+                f"FixedScaleOffset(offset=0, scale={FEATURE_LEVELS}, uint8) -> Delta(uint8) -> zstd(9) -> crc32c, "
+                "in shards of images",
 }
 PROJECTION_NOTE = ("; features hold PCA coordinates z: the teacher's features are feature_mean + "
                    "feature_components @ z at every pixel (einsum('ck,nkyx->ncyx', components, z) + mean), up to the "
@@ -212,13 +222,17 @@ def create_store(
     if features:
         per_image("features", (feature_channels, *feat_canvas), "float32", chunks(feature_channels, feat_canvas)[1:],
                   feature_filters(), np.nan, ("channel", "y", "x"),
-                  f"{what}, max-pooled by {feature_pool} (stride {OUTPUT_STRIDE * feature_pool}), "
-                  "mapped onto [0, 1] per image and channel: x feature_scale + feature_offset (per channel) = "
+                  f"{what}, max-pooled by {feature_pool} (stride {OUTPUT_STRIDE * feature_pool}), divided by "
+                  "feature_position_scale and mapped onto [0, 1] per image and channel: (x feature_scale + "
+                  "feature_offset (per channel)) x feature_position_scale (per position) = "
                   + ("z" + PROJECTION_NOTE if projection is not None else "the teacher's features"))
         per_image("feature_scale", (feature_channels,), "float32", (feature_channels,), None, np.nan, ("channel",),
                   "per image and channel: the features' range (max - min)")
         per_image("feature_offset", (feature_channels,), "float32", (feature_channels,), None, np.nan, ("channel",),
                   "per image and channel: the features' minimum")
+        per_image("feature_position_scale", feat_canvas, "float16", chunks(1, feat_canvas)[2:], [], np.nan, ("y", "x"),
+                  "per image and position: the features there were divided by this (their largest |value|, "
+                  "relative to the image's largest) before the per-channel mapping")
     if views:
         k, out_hw = views["count"], output_size(views["crop_size"])
         view_feat = (math.ceil(out_hw[0] / feature_pool), math.ceil(out_hw[1] / feature_pool))
@@ -234,6 +248,8 @@ def create_store(
                       ("view", "channel"), "per view and channel: the features' range (max - min)")
             per_image("view_feature_offset", (k, feature_channels), "float32", (k, feature_channels), None, np.nan,
                       ("view", "channel"), "per view and channel: the features' minimum")
+            per_image("view_feature_position_scale", (k, *view_feat), "float16", (1, *view_feat), [], np.nan,
+                      ("view", "y", "x"), "per view and position: the features there were divided by this")
         per_image("view_crops", (k, 5), "int32", (k, 5), None, 0, ("view", "param"),
                   "per view: scaled height, scaled width, crop top, crop left, flip (0/1)")
         per_image("view_jitter", (k, 3), "float32", (k, 3), None, 1.0, ("view", "factor"),
@@ -301,7 +317,7 @@ class TeacherStore:
         self.image_hw: np.ndarray = self.group["image_hw"][:]
         # Stored features x feature_scale + feature_offset = the teacher's, per image and channel:
         # (N, F), or (N, 1) from stores that scaled per image (format 1 only scaled: offset 0).
-        names = set(self.group.array_keys())
+        names = self._names = set(self.group.array_keys())
         n = len(self.ids)
         self.feature_scale: np.ndarray = _per_channel(self.group["feature_scale"][:] if "feature_scale" in names
                                                       else np.ones(n, dtype=np.float32), 1)
@@ -349,8 +365,8 @@ class TeacherStore:
 
     def read(self, index: int, window: tuple[slice, slice] | None = None,
              features: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """Cached (log-probabilities, features) of one image at level 1 as float16 arrays, cut to the
-        image's true extent (features up to their positive per-image scale, see ``read_features``).
+        """Cached (log-probabilities, features) of one image at level 1 as float32 arrays, cut to the
+        image's true extent (features decoded, see ``read_features``).
 
         ``window`` optionally restricts the read to a region of the logit grid (rows, cols); the
         features are then cut to the matching region of their coarser grid. With
@@ -367,22 +383,33 @@ class TeacherStore:
         return self._read(self.level_arrays[level], index, (index, slice(None), rows, cols))
 
     def read_features(self, index: int, window: tuple[slice, slice]) -> np.ndarray:
-        """Features under a window of the level-1 logit grid, as stored: divided by the image's
-        ``feature_scale`` (pair-wise distillation compares cosine similarities, which a positive
-        scale leaves unchanged)."""
+        """The teacher's features (or PCA coordinates) under a window of the level-1 logit grid,
+        decoded: (stored x feature_scale + feature_offset) x feature_position_scale."""
         rows, cols = window
         fh, fw = feature_size(self.image_hw[index], self.feature_pool)
         p = self.feature_pool
-        frows = slice(rows.start // p, min(math.ceil(rows.stop / p), fh))
-        fcols = slice(cols.start // p, min(math.ceil(cols.stop / p), fw))
-        return self._read("features", index, (index, slice(None), frows, fcols))
+        region = (slice(rows.start // p, min(math.ceil(rows.stop / p), fh)),
+                  slice(cols.start // p, min(math.ceil(cols.stop / p), fw)))
+        stored = self._read("features", index, (index, slice(None), *region))
+        return self._decode(stored, self.feature_scale[index], self.feature_offset[index],
+                            "feature_position_scale", (index, *region), index)
 
     def read_view(self, index: int, view: int, features: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """The teacher's (log-probabilities, features) on one stored view of image ``index``, float32
-        on the view's output grid (features pooled and mapped onto [0, 1] as stored; None with
-        ``features=False``)."""
+        on the view's output grid (features pooled and decoded; None with ``features=False``)."""
         log_probs = self._read("view_log_probs", index, (index, view))
-        return log_probs, self._read("view_features", index, (index, view)) if features else None
+        if not features:
+            return log_probs, None
+        stored = self._read("view_features", index, (index, view))
+        return log_probs, self._decode(stored, self.view_feature_scale[index, view], self.view_feature_offset[index, view],
+                                       "view_feature_position_scale", (index, view), index)
+
+    def _decode(self, stored: np.ndarray, scale: np.ndarray, offset: np.ndarray, position_array: str,
+                region: tuple, index: int) -> np.ndarray:
+        features = stored * scale[:, None, None] + offset[:, None, None]
+        if position_array in self._names:  # stores written before position scales have none
+            features *= self._read(position_array, index, region)
+        return features
 
     def _read(self, name: str, index: int, region: tuple) -> np.ndarray:
         """``group[name][region]`` as float32; a chunk that fails its checksum or cannot be decoded

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cache.store import TeacherStore, feature_size, logit_size
+from pipeline.cache.store import FEATURE_ARRAYS, TeacherStore, feature_size, logit_size
 
 # Attributes a store cannot be used without.
 REQUIRED_ATTRS = ("teacher", "dataset", "preprocessing", "feature_pool", "format_version")
@@ -38,7 +38,7 @@ def verify_store(store: TeacherStore, progress: bool = True) -> list[str]:
         problems += [f"image {store.ids[i]!r} (#{i}) is not flagged done" for i in np.flatnonzero(~done)]
     except Exception as exc:
         problems.append(f"done flags cannot be read: {type(exc).__name__}: {exc}")
-    checked = {*store.level_arrays.values(), "features", "feature_scale", "feature_offset"}  # finite when sound
+    checked = {*store.level_arrays.values(), *FEATURE_ARRAYS}  # finite when sound
     for index in tqdm(range(n), desc="cache-verify", unit="img", disable=not progress):
         for name in per_image_arrays(store):
             try:
@@ -55,7 +55,7 @@ def verify_store(store: TeacherStore, progress: bool = True) -> list[str]:
 
 def _extent(store: TeacherStore, name: str, index: int) -> tuple[int, int]:
     """The part of an image's map on the canvas that belongs to the image."""
-    if name == "features":
+    if name in ("features", "feature_position_scale"):
         return feature_size(store.image_hw[index], store.feature_pool)
     level = next((level for level, array in store.level_arrays.items() if array == name), 1.0)
     return logit_size(store.image_hw[index], level)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import pipeline
-from pipeline.cache.store import (LOG_PROB_RANGE, SHARD_IMAGES, create_store, feature_size, finalize, level_array,
+from pipeline.cache.store import (FEATURE_ARRAYS, LOG_PROB_RANGE, SHARD_IMAGES, create_store, feature_size, finalize, level_array,
                                   logit_size, read_projection, recover_swap)
 from pipeline.inference import predict, resize
 from pipeline.device import set_cpu_threads
@@ -177,7 +177,7 @@ def _write_shards(teacher: nn.Module, dataset, out: Path, todo: list[tuple[int, 
     teacher = teacher.to(device).eval()
     levels = group.attrs["preprocessing"]["levels"]
     projection = read_projection(group)
-    names = [level_array(level) for level in levels] + (["features", "feature_scale", "feature_offset"] if features else [])
+    names = [level_array(level) for level in levels] + (list(FEATURE_ARRAYS) if features else [])
     if views:
         names += [name for name in VIEW_ARRAYS if features or not name.startswith("view_feature")]
     writes = _BoundedWrites(write_threads)
@@ -192,22 +192,20 @@ def _write_shards(teacher: nn.Module, dataset, out: Path, todo: list[tuple[int, 
                                                     window=window, precision=precision)
                 outputs[level_array(level)] = _storable_log_probs(log_probs)
                 if level == 1.0 and features:
-                    outputs["features"], outputs["feature_scale"], outputs["feature_offset"] = \
-                        _pooled_and_normalized(level_features, feature_pool, projection)
+                    outputs |= dict(zip(FEATURE_ARRAYS, _pooled_and_normalized(level_features, feature_pool, projection)))
             if views:
-                view_log_probs, view_features, view_scale, view_offset = _teacher_on_views(
+                view_log_probs, *view_features = _teacher_on_views(
                     teacher, batch["views"], feature_pool, batch_size, device, precision, projection)
                 outputs |= {"view_log_probs": _storable_log_probs(view_log_probs), "view_crops": batch["view_crops"],
                             "view_jitter": batch["view_jitter"]}
                 if features:
-                    outputs |= {"view_features": view_features, "view_feature_scale": view_scale,
-                                "view_feature_offset": view_offset}
+                    outputs |= dict(zip(["view_" + name for name in FEATURE_ARRAYS], view_features))
             indices = batch["index"].tolist()
             _check_finite(dataset, indices, outputs)
             outputs = {name: t.cpu().numpy() for name, t in outputs.items()}
             for k, index in enumerate(indices):
                 extent = {level_array(level): logit_size(image_hw[index], level) for level in levels}
-                extent["features"] = feature_size(image_hw[index], feature_pool)
+                extent["features"] = extent["feature_position_scale"] = feature_size(image_hw[index], feature_pool)
                 shards.put(index, {name: _cut(values[k], extent.get(name)) for name, values in outputs.items()})
             bar.update(len(indices))
     distributed.barrier()  # every rank's shards are on disk
@@ -371,29 +369,44 @@ class _BoundedWrites:
 
 
 def _pooled_and_normalized(features: torch.Tensor, pool: int,
-                           projection: Projection | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features (B, F, h, w) max-pooled by ``pool`` and mapped per image and channel onto [0, 1], with
-    the (scale, offset) of shape (B, F) that map them back: features = stored x scale + offset.
+                           projection: Projection | None = None) -> tuple[torch.Tensor, ...]:
+    """Features (B, F, h, w) max-pooled by ``pool`` and encoded as the store keeps them: values in
+    [0, 1] (B, F, h, w), per-channel scale and offset (B, F) and a scale per position (B, h, w),
+    float16: features = (values x scale + offset) x position scale.
 
-    Per channel, not per image: a few channels with large activations would otherwise set the step
-    of all, and the pair-wise loss (cosine similarities) feels the small channels' rounding
-    (docs/CACHE.md: worst pair-wise error 5.4 % per image vs 1.3 % per channel at 1024x2048).
-    With a ``projection``, the pooled features' coordinates on its directions are stored instead."""
+    The pair-wise loss compares cosine similarities of nodes, each normalised to unit length, so a
+    node whose features are all small (the leaky ReLU's negative side) needs its precision relative
+    to itself: each position is divided by its largest |value| first. Per channel then, not per
+    image, so that a few large channels do not set the step of all. (docs/CACHE.md: worst pair-wise
+    error 5.4 % per image, 1.3 % per channel, 0.4 % per position and channel, at 1024x2048.)
+    The position scale is relative to the image's largest value (float16 keeps its range); the
+    rest of the magnitude goes into the channel scale and offset. With a ``projection``, the pooled
+    features' coordinates on its directions are stored instead."""
     if pool > 1:
         features = F.max_pool2d(features, pool, pool, ceil_mode=True)
     if projection is not None:
         features = project(features, projection)
-    flat = features.flatten(2)
+    features = features.float()
+    peak = features.abs().amax(dim=1)  # (B, h, w)
+    image_peak = peak.flatten(1).amax(dim=1).clamp(min=1e-30)[:, None, None]
+    # Rounded to float16 before dividing, so that the stored scale is exactly the one used; at
+    # least float16's smallest step, so that no position divides by 0.
+    position = (peak / image_peak).half().clamp(min=2.0 ** -24)
+    scaled = features / (position.float() * image_peak)[:, None]
+    flat = scaled.flatten(2)
     offset = flat.amin(dim=2)
     scale = (flat.amax(dim=2) - offset).clamp(min=1e-12)
-    return ((features - offset[..., None, None]) / scale[..., None, None]).clamp(0, 1), scale, offset
+    values = ((scaled - offset[..., None, None]) / scale[..., None, None]).clamp(0, 1)
+    top = image_peak.flatten(1)
+    return values, scale * top, offset * top, position
 
 
 def _teacher_on_views(teacher: nn.Module, views: torch.Tensor, feature_pool: int, batch_size: int,
                       device: torch.device | str, precision: str,
                       projection: Projection | None = None) -> tuple[torch.Tensor, ...]:
     """The teacher on a batch of images' views (B, K, 3, h, w) uint8: log-probabilities (B, K, C, ho, wo),
-    pooled normalised features (B, K, F, hf, wf) and their scales and offsets (B, K, F)."""
+    pooled encoded features (B, K, F, hf, wf), their scales and offsets (B, K, F) and position scales
+    (B, K, hf, wf)."""
     b, k = views.shape[:2]
     flat = views.flatten(0, 1)
     chunks = []
