@@ -68,13 +68,14 @@ def _finite_checked(store: TeacherStore) -> list[tuple[str, bool]]:
 
 def format_stats(stats: dict[str, Any]) -> str:
     """A readable summary of ``store_stats``."""
+    width = max(20, *(len(name) for name in stats["arrays"]))
     lines = [f"{stats['images']} images, {stats['pixels']} map cells; mean top-class probability "
              f"{stats['mean_top_probability']:.3f}", "",
-             f"{'array':20s} {'raw':>12s} {'on disk':>12s} {'ratio':>7s} {'not finite':>11s}"]
+             f"{'array':{width}s} {'raw':>12s} {'on disk':>12s} {'ratio':>7s} {'not finite':>11s}"]
     for name, a in stats["arrays"].items():
         disk = "-" if a["bytes_on_disk"] is None else f"{a['bytes_on_disk'] / 2**20:.2f} MiB"
         ratio = "-" if a["ratio"] is None else f"{a['ratio']:.3f}"
-        lines.append(f"{name:20s} {a['raw_bytes'] / 2**20:9.2f} MiB {disk:>12s} {ratio:>7s} "
+        lines.append(f"{name:{width}s} {a['raw_bytes'] / 2**20:9.2f} MiB {disk:>12s} {ratio:>7s} "
                      f"{a.get('nonfinite', '-')!s:>11s}")
     names = stats["class_names"] or [str(i) for i in range(len(stats["argmax_frequency"]))]
     lines += ["", "teacher argmax frequency per class:"]
