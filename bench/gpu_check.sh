@@ -38,8 +38,10 @@ step torchrun_cache 90 "${TORCHRUN[@]}" cache-teacher --dataset synthetic --teac
   --feature-pool 1 --device "$DEVICE" --cache "$WORK/synthetic.zarr"
 step torchrun_student 90 "${TORCHRUN[@]}" train-student --dataset synthetic --cache "$WORK/synthetic.zarr" --losses pi,pa,ho \
   --width 0.25 --iterations 20 --batch-size 4 --device "$DEVICE" --out "$WORK/student"
+# The modes (student-only, cached, online per loss set) train side by side, taking steps in turn,
+# each with its own loader: 4 workers each keep the 16 cores from being oversubscribed.
 step step_time 150 $PY bench/step_time.py --size "$SIZE" --crop "$CROP" --student-width "$WIDTH" --teacher-arch "$TEACHER" \
-  --teacher-width "$WIDTH" --workers 12 --device "$DEVICE" --warmup 3 --iterations 12 "${LOSS_ARGS[@]}" \
+  --teacher-width "$WIDTH" --workers 4 --device "$DEVICE" --warmup 3 --iterations 12 "${LOSS_ARGS[@]}" \
   --profile "$RESULTS/step_profile_gpu.txt" --output "$RESULTS/step_time_gpu.json"
 for precision in fp32 bf16; do
   step "cache_throughput_$precision" 60 $PY bench/cache_throughput.py --size "$SIZE" --teacher-arch "$TEACHER" \

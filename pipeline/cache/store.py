@@ -107,6 +107,9 @@ PROJECTION_NOTE = ("; features hold PCA coordinates z: the teacher's features ar
                    "variance of the directions left out")
 DECODE_NOTE = ("zarr decodes the stored uint8 values to float32 itself (the FixedScaleOffset and Delta filters "
                "are numcodecs codecs): read the arrays as they are")
+FEATURE_DECODE_NOTE = ("; features decode to (features x feature_scale + feature_offset) x feature_position_scale, for "
+                       "image i: (features[i] * feature_scale[i][:, None, None] + feature_offset[i][:, None, None]) * "
+                       "feature_position_scale[i]")
 
 
 def redact(url: str) -> str:
@@ -204,7 +207,8 @@ def create_store(
         {**provenance, "format": FORMAT, "format_version": FORMAT_VERSION, "output_stride": OUTPUT_STRIDE,
          "feature_pool": feature_pool, "feature_stride": OUTPUT_STRIDE * feature_pool, "features": features,
          "logit_levels": [{"scale": s, "array": level_array(s)} for s in levels], "shard_images": shard,
-         "codecs": CODECS, "decode": DECODE_NOTE + (PROJECTION_NOTE if features and projection is not None else ""),
+         "codecs": CODECS, "decode": DECODE_NOTE + (FEATURE_DECODE_NOTE if features else "")
+                   + (PROJECTION_NOTE if features and projection is not None else ""),
          "feature_projection": ({"channels": projection.channels, "teacher_channels": int(len(projection.mean)),
                                  "explained_variance": float(projection.explained.sum())}
                                 if features and projection is not None else None),
