@@ -39,7 +39,7 @@ from zarr.codecs.numcodecs import BitRound
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cache.store import FEATURE_LEVELS  # noqa: E402
-from pipeline.cache.writer import _pooled_and_normalized  # noqa: E402
+from pipeline.cache.writer import encode_features  # noqa: E402
 from pipeline.data import build_dataset  # noqa: E402
 from pipeline.data.transforms import normalize  # noqa: E402
 from pipeline.distill.losses import pairwise_loss  # noqa: E402
@@ -87,7 +87,7 @@ def schemes(x: np.ndarray) -> dict[str, tuple[float, np.ndarray]]:
     size, codes = encoded((x - lo) / span, "float32", eight_bits(), [ZstdCodec(level=9)])
     out["8 bits, scale per image and channel"] = (size + 8 * c, codes * span + lo)
     for levels in (127, 255, 63):
-        values, scale, offset, position = (t.numpy() for t in _pooled_and_normalized(torch.from_numpy(x), 1))
+        values, scale, offset, position = (t.numpy() for t in encode_features(torch.from_numpy(x), 1))
         filters = [FixedScaleOffset(offset=0, scale=levels, dtype="<f4", astype="u1"), Delta(dtype="u1")]
         size, codes = encoded(values, "float32", filters, [ZstdCodec(level=9)])
         side, _ = encoded(position.astype(np.float32), "float16", None, [ZstdCodec(level=9)])

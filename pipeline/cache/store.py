@@ -319,8 +319,9 @@ class TeacherStore:
         # Stored features may be PCA coordinates; training maps them back (``CachedTargets``).
         self.projection: Projection | None = read_projection(self.group)
         self.image_hw: np.ndarray = self.group["image_hw"][:]
-        # Stored features x feature_scale + feature_offset = the teacher's, per image and channel:
-        # (N, F), or (N, 1) from stores that scaled per image (format 1 only scaled: offset 0).
+        # (Stored features x feature_scale + feature_offset) x feature_position_scale = the teacher's;
+        # scale and offset per image and channel: (N, F), or (N, 1) from stores that scaled per image
+        # (format 1 only scaled: offset 0).
         names = self._names = set(self.group.array_keys())
         n = len(self.ids)
         self.feature_scale: np.ndarray = _per_channel(self.group["feature_scale"][:] if "feature_scale" in names

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import pipeline
-from pipeline.cache.store import (FEATURE_ARRAYS, LOG_PROB_RANGE, SHARD_IMAGES, create_store, feature_size, finalize, level_array,
-                                  logit_size, read_projection, recover_swap)
+from pipeline.cache.store import (FEATURE_ARRAYS, LOG_PROB_RANGE, SHARD_IMAGES, create_store, feature_size, finalize,
+                                  level_array, logit_size, read_projection, recover_swap)
 from pipeline.inference import predict, resize
 from pipeline.device import set_cpu_threads
 from pipeline.cache.lock import WriterLock
@@ -192,7 +192,7 @@ def _write_shards(teacher: nn.Module, dataset, out: Path, todo: list[tuple[int, 
                                                     window=window, precision=precision)
                 outputs[level_array(level)] = _storable_log_probs(log_probs)
                 if level == 1.0 and features:
-                    outputs |= dict(zip(FEATURE_ARRAYS, _pooled_and_normalized(level_features, feature_pool, projection)))
+                    outputs |= dict(zip(FEATURE_ARRAYS, encode_features(level_features, feature_pool, projection)))
             if views:
                 view_log_probs, *view_features = _teacher_on_views(
                     teacher, batch["views"], feature_pool, batch_size, device, precision, projection)
@@ -368,7 +368,7 @@ class _BoundedWrites:
             self.pool.shutdown(wait=True)
 
 
-def _pooled_and_normalized(features: torch.Tensor, pool: int,
+def encode_features(features: torch.Tensor, pool: int,
                            projection: Projection | None = None) -> tuple[torch.Tensor, ...]:
     """Features (B, F, h, w) max-pooled by ``pool`` and encoded as the store keeps them: values in
     [0, 1] (B, F, h, w), per-channel scale and offset (B, F) and a scale per position (B, h, w),
@@ -413,7 +413,7 @@ def _teacher_on_views(teacher: nn.Module, views: torch.Tensor, feature_pool: int
     for i in range(0, len(flat), batch_size):  # pooled chunk by chunk: full-resolution features never pile up
         log_probs, features = predict(teacher, normalize(flat[i : i + batch_size].to(device, non_blocking=True)),
                                       precision=precision)
-        chunks.append((log_probs, *_pooled_and_normalized(features, feature_pool, projection)))
+        chunks.append((log_probs, *encode_features(features, feature_pool, projection)))
     return tuple(torch.cat(parts).unflatten(0, (b, k)) for parts in zip(*chunks))
 
 
