@@ -70,6 +70,20 @@ def test_a_flipped_byte_is_reported_with_its_image_by_verify_and_by_training(tmp
     assert not (out / "last.pt").exists() and not (out / "model.pt").exists()
 
 
+def test_a_damaged_position_scale_names_its_image_and_the_others_still_read(tmp_path):
+    """Position scales are read whole when small; a damaged chunk falls back to reads per image,
+    which name the image, and the other images still decode."""
+    store = write_store(tmp_path / "s.zarr")
+    reader = TeacherStore(store)
+    window = (slice(0, 4), slice(0, 6))
+    before = [reader.read_features(i, window) for i in (1, 3)]
+    flip_a_byte_of_chunk(store / "feature_position_scale" / "c" / "0" / "0" / "0", chunk=3)
+    reader = TeacherStore(store)
+    np.testing.assert_array_equal(reader.read_features(1, window), before[0])
+    with pytest.raises(SkdError, match=r"feature_position_scale of image 'synthetic/train/000003' \(#3\) cannot be read"):
+        reader.read_features(3, window)
+
+
 def test_each_shard_file_is_written_once(tmp_path, monkeypatch):
     written = Counter()
     set_ = zarr.storage.LocalStore.set
