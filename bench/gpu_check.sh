@@ -10,8 +10,10 @@
 #   bench/gpu_check.sh RESULTS
 # On a GPU machine prepared with ../shared/device/prepare.sh:
 #   source .device/activate.sh && bench/gpu_check.sh "$OUT"
-# A CPU dry run of the same script (minutes, numbers meaningless):
-#   DEVICE=cpu SIZE=64x96 CROP=48x48 TEACHER=pspnet_resnet18 WIDTH=0.25 PYTHON=.venv/bin/python bench/gpu_check.sh /tmp/check
+# A CPU dry run of the same script (about a minute on 2 cores, numbers meaningless; crops of at least
+# 128x128, as pair-wise nodes need more than one stored feature cell):
+#   DEVICE=cpu SIZE=128x192 CROP=128x128 TEACHER=pspnet_resnet18 WIDTH=0.25 LOSSES="pi pi,pa pi,pa,ho" \
+#     PYTHON=.venv/bin/python bench/gpu_check.sh /tmp/check
 # Results (six files, so that a caller's own one or two still fit a limit of eight): status.log (each
 # step's exit code and seconds), log.txt (every step's output), step_time_gpu.json,
 # step_profile_gpu.txt, cache_throughput_{fp32,bf16}.json

@@ -369,7 +369,7 @@ class _BoundedWrites:
 
 
 def encode_features(features: torch.Tensor, pool: int,
-                           projection: Projection | None = None) -> tuple[torch.Tensor, ...]:
+                    projection: Projection | None = None) -> tuple[torch.Tensor, ...]:
     """Features (B, F, h, w) max-pooled by ``pool`` and encoded as the store keeps them: values in
     [0, 1] (B, F, h, w), per-channel scale and offset (B, F) and a scale per position (B, h, w),
     float16: features = (values x scale + offset) x position scale.
