@@ -3,7 +3,8 @@
 Same student, teacher, batch, crop and losses in the three modes; the modes take their steps in
 turn, so that the machine's drift falls on all of them alike; the first iterations (warm-up) are
 excluded. Reports per-iteration wall time through the real data loader (what a user waits for) and
-the time of the step itself, plus the ratios, as JSON.
+the time of the step itself, plus the ratios, as JSON; and each mode's FLOPs per step, whose ratio is
+what the times' ratio would be if every op ran equally efficiently.
 
     python bench/step_time.py --output docs/results/step_time_cpu.json                 # CPU, small scale
     python bench/step_time.py --losses pi --losses pi,pa --losses pi,pa,ho --profile prof.txt  # several sets
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -70,6 +72,12 @@ def time_modes(cfgs: dict[str, Config], warmup: int, iterations: int) -> dict[st
     for name in trainers:
         if name != "student_only":
             results[name]["paired_step_ratio"] = median([a / b for a, b in zip(steps[name], reference)])
+    # The arithmetic of one more step of each mode (torch's FLOP counter: convolutions and matrix
+    # products, forward and backward): the ratio a machine equally efficient at every op would see.
+    for name, trainer in trainers.items():
+        with FlopCounterMode(display=False) as counter:
+            trainer.step(next(streams[name]))
+        results[name]["gflop"] = counter.get_total_flops() / 1e9
     return results
 
 
@@ -152,12 +160,14 @@ def main() -> None:
             for name, extra in modes}
     results = time_modes(cfgs, args.warmup, args.iterations)
     for name, r in results.items():
-        print(f"{name:22s} step {r['step_s'] * 1e3:8.1f} ms   iteration {r['iteration_s'] * 1e3:8.1f} ms", flush=True)
+        print(f"{name:22s} step {r['step_s'] * 1e3:8.1f} ms   iteration {r['iteration_s'] * 1e3:8.1f} ms   "
+              f"{r['gflop']:7.1f} GFLOP", flush=True)
     ref = results["student_only"]
     for name in results:
         if name != "student_only":
             results[name]["step_ratio"] = results[name]["step_s"] / ref["step_s"]
             results[name]["iteration_ratio"] = results[name]["iteration_s"] / ref["iteration_s"]
+            results[name]["flop_ratio"] = results[name]["gflop"] / ref["gflop"]
     if args.profile:
         extra = {"distill": {"losses": loss_sets[-1].split(","), "cache": cache, "gp_every": args.gp_every}}
         cfg = merge(Config(), {**base, **extra, "train": {**base["train"], "out": str(tmp / "profile")}})
@@ -174,6 +184,7 @@ def main() -> None:
         "warmup": args.warmup, "iterations": args.iterations, "gp_every": args.gp_every, "results": results,
     }
     print(json.dumps({k: round(v["step_ratio"], 3) for k, v in results.items() if "step_ratio" in v}))
+    print("FLOP ratios:", json.dumps({k: round(v["flop_ratio"], 3) for k, v in results.items() if "flop_ratio" in v}))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report, indent=2))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.nn.utils import parametrize
@@ -507,6 +508,33 @@ def test_spectral_norm_conv_is_torchs_spectral_norm_dividing_the_output():
     torch.testing.assert_close(loaded(x), reference(x), rtol=1e-5, atol=1e-6)
     # Parameters in the same order (bias, then weight), so an optimiser's state loads too.
     assert [p.shape for p in loaded.parameters()] == [p.shape for p in reference.parameters()]
+
+
+def test_spectral_norm_conv_small_outputs_equal_the_convolution_with_double_backward():
+    """Outputs of 1, 2x2 and 3x3 positions (the matrix-product path on a CPU) and of 4x4 (the conv)
+    equal conv2d(x, W/σ) + b, and so do the input gradient, kept differentiable as the gradient
+    penalty keeps it, and the weight gradient through it."""
+    torch.manual_seed(0)
+    conv = SpectralNormConv2d(5, 7, 4, stride=2, padding=1).eval()  # eval: u, v fixed between the two sides
+    for size in (2, 4, 6, 8):
+        x = torch.randn(3, 5, size, size + 1, requires_grad=True)
+        weight_grads, input_grads, outputs = [], [], []
+        for ours in (True, False):
+            conv.zero_grad()
+            if ours:
+                out = conv(x)
+            else:
+                sigma = conv.u @ conv.weight.flatten(1) @ conv.v
+                out = F.conv2d(x, conv.weight / sigma, conv.bias, stride=2, padding=1)
+            (grad,) = torch.autograd.grad((out * torch.arange(out.numel()).view_as(out)).sum(), x, create_graph=True)
+            grad.square().sum().backward()
+            outputs.append(out.detach())
+            input_grads.append(grad.detach())
+            weight_grads.append(conv.weight.grad.clone())
+        assert outputs[0].shape[-2:] == (size // 2, (size + 1) // 2)
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(input_grads[0], input_grads[1], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(weight_grads[0], weight_grads[1], rtol=1e-4, atol=1e-3)
 
 
 def test_self_attention_identity_at_init_and_uniform_attention():

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 CONDITIONINGS = ("image", "logits")
 # Four stride-2 convs and a final 4×4 conv (padding 1) leave at least 1×1 from 32×32.
 MIN_SIZE = 32
+# Output positions per image below which a CPU spectral-norm conv runs as a matrix product.
+SMALL_OUTPUT = 16
 
 
 class SpectralNormConv2d(nn.Module):
@@ -57,9 +59,21 @@ class SpectralNormConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.training:
             self._power_iteration(1)
-        out = F.conv2d(x, self.weight, None, self.stride, self.padding)
+        out = self._conv(x)
         sigma = self.sigma().to(out.dtype)
         return out / sigma + self.bias.to(out.dtype)[:, None, None]
+
+    def _conv(self, x: Tensor) -> Tensor:
+        """conv(x, W) without bias. On a CPU, an output of fewer than 16 positions per image (D's
+        last convs on small maps) is computed as one matrix product of W with the unfolded input:
+        the same values, but oneDNN's backward and double backward (the gradient penalty's) on
+        such outputs take 2-3x longer than the product's (docs/BENCHMARKS.md)."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        ho, wo = (x.shape[-2] + 2 * ph - kh) // sh + 1, (x.shape[-1] + 2 * pw - kw) // sw + 1
+        if x.device.type != "cpu" or ho * wo >= SMALL_OUTPUT:
+            return F.conv2d(x, self.weight, None, self.stride, self.padding)
+        columns = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # B × (C·kh·kw) × ho·wo
+        return (self.weight.flatten(1).to(columns.dtype) @ columns).unflatten(-1, (ho, wo))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
         # Checkpoints written with torch's parametrized spectral_norm name the same tensors so.
