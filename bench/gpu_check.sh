@@ -5,7 +5,9 @@
 #   2. step time at Cityscapes scale (R18 x1.0 student, 512x512 crops of 1024x2048 images, batch 8,
 #      bf16 student, R101 teacher): student only vs cached vs online pi,pa,ho (LOSSES="pi pi,pa pi,pa,ho"
 #      for all three loss sets, ~2 more minutes), and a profiler table;
-#   3. cache-writing throughput at 1024x2048, teacher alone vs cache-teacher, fp32 and bf16.
+#   3. cache-writing throughput at 1024x2048, teacher alone vs cache-teacher, fp32 and bf16;
+#   4. the discriminator's step alone on 64x64 maps (the 512x512 crops' output): its time in fp32
+#      and bf16, and how far bf16 moves its gradients.
 #
 #   bench/gpu_check.sh RESULTS
 # On a GPU machine prepared with ../shared/device/prepare.sh:
@@ -14,9 +16,9 @@
 # 128x128, as pair-wise nodes need more than one stored feature cell):
 #   DEVICE=cpu SIZE=128x192 CROP=128x128 TEACHER=pspnet_resnet18 WIDTH=0.25 LOSSES="pi pi,pa pi,pa,ho" \
 #     PYTHON=.venv/bin/python bench/gpu_check.sh /tmp/check
-# Results (six files, so that a caller's own one or two still fit a limit of eight): status.log (each
+# Results (seven files, so that a caller's own one still fits a limit of eight): status.log (each
 # step's exit code and seconds), log.txt (every step's output), step_time_gpu.json,
-# step_profile_gpu.txt, cache_throughput_{fp32,bf16}.json
+# step_profile_gpu.txt, cache_throughput_{fp32,bf16}.json, discriminator_step_gpu.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:?usage: bench/gpu_check.sh RESULTS}
@@ -50,4 +52,7 @@ for precision in fp32 bf16; do
     --teacher-width "$WIDTH" --images 32 --repeats 1 --batch-size 4 --workers 12 --device "$DEVICE" \
     --precision $precision --output "$RESULTS/cache_throughput_$precision.json"
 done
+MAPS=$(( ${CROP%x*} / 8 ))
+step discriminator_step 60 $PY bench/discriminator_step.py --maps "$MAPS" --device "$DEVICE" \
+  --output "$RESULTS/discriminator_step_gpu.json"
 rm -rf "$WORK"

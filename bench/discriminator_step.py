@@ -1,11 +1,15 @@
-"""Is the discriminator's own pass safe in bf16? D's loss, its gradient penalty and its parameter
-gradients under bf16 autocast against float32, on the same maps and weights, plus the step's time.
+"""The discriminator's step alone: its time, and whether it is safe in bf16.
 
-The holistic term runs D's joint forward (which also gives the student its adversarial gradient)
-and the penalty's double backward in float32; this measures what bf16 would change.
+One D step as the holistic term takes it (the joint forward over real and fake maps, the WGAN-GP
+penalty's forward and double backward, one backward), at several map sizes, timed
 
-    python bench/d_precision.py --output docs/results/speed/d_precision_cpu.json
-    python bench/d_precision.py --device cuda --output d_precision_gpu.json
+- in float32 as skd runs it, and with every spectral-norm conv forced through ``conv2d`` (on a CPU
+  skd computes outputs of fewer than 16 positions as one matrix product instead), in turn;
+- under bf16 autocast, with its loss, penalty and parameter gradients against float32's on the same
+  maps and weights (skd keeps D's step in float32).
+
+    python bench/discriminator_step.py --output docs/results/speed/discriminator_step_cpu.json
+    python bench/discriminator_step.py --device cuda --output discriminator_step_gpu.json
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.device import resolve_device  # noqa: E402
 from pipeline.distill.losses import discriminator_loss, gradient_penalty  # noqa: E402
+from pipeline.models import discriminator  # noqa: E402
 from pipeline.models.discriminator import Discriminator  # noqa: E402
 
 
@@ -48,7 +53,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--maps", type=int, action="append", default=None,
                    help="map side (the student's output, crop / 8); repeat [default: 16 and 64]")
-    p.add_argument("--repeats", type=int, default=10, help="timed steps per precision")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per variant")
     p.add_argument("--device", default="auto")
     p.add_argument("--output", default=None)
     args = p.parse_args()
@@ -65,27 +70,34 @@ def main() -> None:
         alpha = torch.rand(b, generator=generator).to(device)
         torch.manual_seed(0)
         d = Discriminator(c).to(device).eval()  # eval: no power-iteration step, so both precisions see the same σ
-        results = {}
-        for bf16 in (False, True):
-            adversarial, penalty, grads = d_step(d, real, fake, condition, alpha, bf16)
-            times = []
-            for _ in range(args.repeats + 2):
+        variants = {"fp32": (False, discriminator.SMALL_OUTPUT), "fp32_conv2d_only": (False, 0),
+                    "bf16": (True, discriminator.SMALL_OUTPUT)}
+        values, times = {}, {name: [] for name in variants}
+        for name, (bf16, small) in variants.items():
+            discriminator.SMALL_OUTPUT = small
+            values[name] = d_step(d, real, fake, condition, alpha, bf16)
+        for i in range(args.repeats + 2):  # the variants in turn, so that drift falls on all alike
+            for name, (bf16, small) in variants.items():
+                discriminator.SMALL_OUTPUT = small
                 sync()
                 tic = time.perf_counter()
                 d_step(d, real, fake, condition, alpha, bf16)
                 sync()
-                times.append(time.perf_counter() - tic)
-            results[bf16] = (adversarial, penalty, grads, sorted(times[2:])[len(times[2:]) // 2])
-        g32, g16 = results[False][2], results[True][2]
-        row = {"maps": [side, side], "adversarial_fp32": results[False][0], "adversarial_bf16": results[True][0],
-               "penalty_fp32": results[False][1], "penalty_bf16": results[True][1],
-               "gradient_relative_error": ((g16 - g32).norm() / g32.norm()).item(),
-               "gradient_cosine": torch.nn.functional.cosine_similarity(g16, g32, dim=0).item(),
-               "step_ms_fp32": 1000 * results[False][3], "step_ms_bf16": 1000 * results[True][3]}
+                if i >= 2:
+                    times[name].append(time.perf_counter() - tic)
+        discriminator.SMALL_OUTPUT = variants["fp32"][1]
+        g32, g16 = values["fp32"][2], values["bf16"][2]
+        row = {"maps": [side, side], "adversarial_fp32": values["fp32"][0], "adversarial_bf16": values["bf16"][0],
+               "penalty_fp32": values["fp32"][1], "penalty_bf16": values["bf16"][1],
+               "gradient_relative_error_bf16": ((g16 - g32).norm() / g32.norm()).item(),
+               "gradient_cosine_bf16": torch.nn.functional.cosine_similarity(g16, g32, dim=0).item(),
+               "gradient_relative_difference_conv2d_only": ((values["fp32_conv2d_only"][2] - g32).norm() / g32.norm()).item()}
+        row |= {f"step_ms_{name}": 1000 * sorted(t)[len(t) // 2] for name, t in times.items()}
         rows.append(row)
-        print(f"maps {side}x{side}: D gradients in bf16 differ by {100 * row['gradient_relative_error']:.2f} % "
-              f"(cosine {row['gradient_cosine']:.5f}); penalty {row['penalty_fp32']:.5f} -> {row['penalty_bf16']:.5f}; "
-              f"step {row['step_ms_fp32']:.1f} ms fp32, {row['step_ms_bf16']:.1f} ms bf16")
+        print(f"maps {side}x{side}: step {row['step_ms_fp32']:.1f} ms (conv2d only: {row['step_ms_fp32_conv2d_only']:.1f} ms, "
+              f"bf16: {row['step_ms_bf16']:.1f} ms); D's gradients in bf16 differ by "
+              f"{100 * row['gradient_relative_error_bf16']:.2f} % (cosine {row['gradient_cosine_bf16']:.5f}), "
+              f"penalty {row['penalty_fp32']:.5f} -> {row['penalty_bf16']:.5f}")
     report = {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__,
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
