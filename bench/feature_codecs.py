@@ -9,6 +9,9 @@ and encodes them in memory with zarr's own codecs, one chunk per image:
 - 8-bit codes with one scale and offset per image and channel (format 2 until position scales);
 - each position divided by its largest |value| (float16), then 127 levels per image and channel
   (format 2 now: the store's own encoder), and the same at 255 and 63 levels;
+- each position divided by its largest |value|, then per image and channel 63, 55, 51 or 47
+  levels above 0 and a finer step below (2 levels down to the smallest value): the leaky ReLU's
+  negative side gets levels of its own;
 - uint16 codes of one fixed step per image (a multiple of the features' RMS);
 - the top-k PCA coordinates (fitted on the first half of the images), 8 bits per coordinate and channel;
 - BitRound (float16 keeping m mantissa bits) with bit-shuffled zstd.
@@ -76,6 +79,31 @@ def pairwise_errors(exact: np.ndarray, decoded: np.ndarray) -> dict[str, float]:
     return errors
 
 
+def two_sided(x: np.ndarray, positive: int, negative: int) -> tuple[float, np.ndarray]:
+    """Each position divided by its largest |value| (as the store does), then per image and channel a
+    step for the values above 0 (``positive`` levels up to the largest) and a finer one below
+    (``negative`` levels down to the smallest, never coarser than the step above): the leaky ReLU's
+    negative side, about 1 % of the positive side's scale, gets levels of its own instead of one
+    shared with everything else. Decodes with one more array per image and channel."""
+    t = torch.from_numpy(x).float()
+    peak = t.abs().amax(dim=1)
+    image_peak = peak.flatten(1).amax(dim=1).clamp(min=1e-30)[:, None, None]
+    position = (peak / image_peak).half().clamp(min=2.0 ** -24).float() * image_peak
+    scaled = t / position[:, None]
+    flat = scaled.flatten(2)
+    low, high = (-flat.amin(dim=2)).clamp(min=0), flat.amax(dim=2).clamp(min=0)
+    step_up = high.clamp(min=2.0 ** -10) / positive
+    step_down = torch.minimum(step_up, low.clamp(min=2.0 ** -10) / negative)
+    zero = torch.ceil(low / step_down).clamp(max=255 - positive)  # the code of 0, per image and channel
+    step_down = torch.maximum(step_down, low / zero.clamp(min=1))
+    step_up, step_down, zero = step_up[..., None, None], step_down[..., None, None], zero[..., None, None]
+    codes = (zero + torch.round(scaled / torch.where(scaled < 0, step_down, step_up))).clamp(0, 255)
+    size, _ = encoded(codes.numpy(), "uint8", [Delta(dtype="u1")], [ZstdCodec(level=9)])
+    side, _ = encoded(position.numpy() / image_peak.numpy(), "float16", None, [ZstdCodec(level=9)])
+    decoded = (codes - zero) * torch.where(codes < zero, step_down, step_up) * position[:, None]
+    return size + side + 12 * x.shape[1], decoded.numpy()
+
+
 def schemes(x: np.ndarray) -> dict[str, tuple[float, np.ndarray]]:
     n, c, h, w = x.shape
     out = {"format 1: float16, zstd 3": encoded(x, "float16", None, [ZstdCodec(level=3)])}
@@ -94,6 +122,9 @@ def schemes(x: np.ndarray) -> dict[str, tuple[float, np.ndarray]]:
         decoded = (codes * scale[..., None, None] + offset[..., None, None]) * position[:, None].astype(np.float32)
         label = "format 2 now: " if levels == FEATURE_LEVELS else ""
         out[f"{label}position scale, then {levels} levels per image and channel"] = (size + side + 8 * c, decoded)
+    for positive, negative in ((63, 2), (55, 2), (51, 2), (47, 2)):
+        out[f"position scale, then {positive} levels above 0 and {negative} below, per image and channel"] = \
+            two_sided(x, positive, negative)
     lo = x.min(axis=(1, 2, 3), keepdims=True)
     rms = np.sqrt((x ** 2).mean(axis=(1, 2, 3), keepdims=True))
     for q in (32, 64):

@@ -67,7 +67,7 @@ class SpectralNormConv2d(nn.Module):
         """conv(x, W) without bias. On a CPU, an output of fewer than 16 positions per image (D's
         last convs on small maps) is computed as one matrix product of W with the unfolded input:
         the same values, but oneDNN's backward and double backward (the gradient penalty's) on
-        such outputs take 2-3x longer than the product's (docs/BENCHMARKS.md)."""
+        such outputs take 1.7-2.6x as long as the product's (docs/BENCHMARKS.md)."""
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         ho, wo = (x.shape[-2] + 2 * ph - kh) // sh + 1, (x.shape[-1] + 2 * pw - kw) // sw + 1
         if x.device.type != "cpu" or ho * wo >= SMALL_OUTPUT:
