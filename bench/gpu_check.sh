@@ -12,7 +12,7 @@
 #   bench/gpu_check.sh RESULTS
 # On a GPU machine prepared with ../shared/device/prepare.sh:
 #   source .device/activate.sh && bench/gpu_check.sh "$OUT"
-# A CPU dry run of the same script (about a minute on 2 cores, numbers meaningless; crops of at least
+# A CPU dry run of the same script (under two minutes on 2 cores, numbers meaningless; crops of at least
 # 128x128, as pair-wise nodes need more than one stored feature cell):
 #   DEVICE=cpu SIZE=128x192 CROP=128x128 TEACHER=pspnet_resnet18 WIDTH=0.25 LOSSES="pi pi,pa pi,pa,ho" \
 #     PYTHON=.venv/bin/python bench/gpu_check.sh /tmp/check
