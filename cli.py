@@ -87,6 +87,9 @@ def train_options(f):
                           "schedule and the distillation warm-up run over the budget (compare methods at equal cost)."),
         click.option("--batch-size", type=int, default=None,
                      help="Global batch: under torchrun each of N processes takes batch-size / N. [default: 8]"),
+        click.option("--compile/--no-compile", "compile_", default=None,
+                     help="torch.compile the network's training forward (the discriminator stays eager): about a "
+                          "minute to compile first; the gain is measured in docs/BENCHMARKS.md. [default: off]"),
         click.option("--sync-bn/--no-sync-bn", default=None,
                      help="Under torchrun: BatchNorm statistics over the global batch. [default: on with 2+ processes]"),
         click.option("--lr", type=float, default=None, help="SGD learning rate, poly decay. [default: 0.01]"),
@@ -136,7 +139,7 @@ def common_train_updates(kw: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "data": {"dataset": kw["dataset"], "root": kw["data_root"], "crop_size": parse_hw(kw["crop_size"]),
                  "scale_range": parse_floats(kw["scale_range"]), "flip": kw["flip"], "workers": kw["workers"]},
         "model": {"name": kw["model"], "width": kw["width"], "pretrained_backbone": kw["pretrained_backbone"]},
-        "train": {"iterations": kw["iterations"], "budget_minutes": kw["budget_minutes"], "batch_size": kw["batch_size"], "lr": kw["lr"], "seed": kw["seed"], "sync_bn": kw["sync_bn"], "val_every": kw["val_every"], "tensorboard": kw["tensorboard"],
+        "train": {"iterations": kw["iterations"], "budget_minutes": kw["budget_minutes"], "batch_size": kw["batch_size"], "lr": kw["lr"], "seed": kw["seed"], "sync_bn": kw["sync_bn"], "compile": kw["compile_"], "val_every": kw["val_every"], "tensorboard": kw["tensorboard"],
                   "device": kw["device"], "out": kw["out"]},
     }
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One short GPU call (~4 minutes on an H100/H200) for what only a GPU can show:
+# One GPU call (about 7 minutes on an H200: 4.4 for steps 1-3 when last run, then about 2.5 for 4-5)
+# for what only a GPU can show:
 #   1. torchrun --nproc_per_node 1: the NCCL process group, the DDP student and the rank logic of
 #      cache-teacher start and finish (train-teacher, cache-teacher, train-student pi,pa,ho);
 #   2. step time at Cityscapes scale (R18 x1.0 student, 512x512 crops of 1024x2048 images, batch 8,
@@ -7,18 +8,22 @@
 #      for all three loss sets, ~2 more minutes), and a profiler table;
 #   3. cache-writing throughput at 1024x2048, teacher alone vs cache-teacher, fp32 and bf16;
 #   4. the discriminator's step alone on 64x64 maps (the 512x512 crops' output): its time in fp32
-#      and bf16, and how far bf16 moves its gradients.
+#      and bf16, and how far bf16 moves its gradients;
+#   5. the student compiled (train.compile), student-only and cached pi,pa,ho, each eager and
+#      compiled in turn (the first warm-up steps compile; last, so that a slow compile costs nothing else).
 #
 #   bench/gpu_check.sh RESULTS
 # On a GPU machine prepared with ../shared/device/prepare.sh:
-#   source .device/activate.sh && bench/gpu_check.sh "$OUT"
+#   source .device/activate.sh && timeout 560 bench/gpu_check.sh "$OUT"
+# (each step has its own limit, and what the steps wrote before a timeout stays)
 # A CPU dry run of the same script (under two minutes on 2 cores, numbers meaningless; crops of at least
 # 128x128, as pair-wise nodes need more than one stored feature cell):
 #   DEVICE=cpu SIZE=128x192 CROP=128x128 TEACHER=pspnet_resnet18 WIDTH=0.25 LOSSES="pi pi,pa pi,pa,ho" \
 #     PYTHON=.venv/bin/python bench/gpu_check.sh /tmp/check
-# Results (seven files, so that a caller's own one still fits a limit of eight): status.log (each
-# step's exit code and seconds), log.txt (every step's output), step_time_gpu.json,
-# step_profile_gpu.txt, cache_throughput_{fp32,bf16}.json, discriminator_step_gpu.json
+# Results (eight files, the most one call returns: write nothing else under RESULTS): status.log
+# (each step's exit code and seconds), log.txt (every step's output), step_time_gpu.json,
+# step_profile_gpu.txt, cache_throughput_{fp32,bf16}.json, discriminator_step_gpu.json,
+# step_time_compiled_gpu.json
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:?usage: bench/gpu_check.sh RESULTS}
@@ -55,4 +60,7 @@ done
 MAPS=$(( ${CROP%x*} / 8 ))
 step discriminator_step 60 $PY bench/discriminator_step.py --maps "$MAPS" --device "$DEVICE" \
   --output "$RESULTS/discriminator_step_gpu.json"
+step step_time_compiled 180 $PY bench/step_time.py --size "$SIZE" --crop "$CROP" --student-width "$WIDTH" \
+  --teacher-arch "$TEACHER" --teacher-width "$WIDTH" --workers 4 --device "$DEVICE" --warmup 2 --iterations 8 \
+  --losses pi,pa,ho --no-online --compile --output "$RESULTS/step_time_compiled_gpu.json"
 rm -rf "$WORK"

@@ -8,6 +8,7 @@ what the times' ratio would be if every op ran equally efficiently.
 
     python bench/step_time.py --output docs/results/step_time_cpu.json                 # CPU, small scale
     python bench/step_time.py --losses pi --losses pi,pa --losses pi,pa,ho --profile prof.txt  # several sets
+    python bench/step_time.py --losses pi,pa,ho --no-online --compile     # each mode eager and compiled, in turn
     python bench/step_time.py --dataset camvid --data-root ../shared/data/camvid \\
         --teacher runs/camvid-teacher/model.pt --crop 360x480 --device cuda --output step_time_gpu.json
     # Cityscapes scale on a GPU: R18 x1.0 student, R101 teacher, 512x512 crops of 1024x2048 images
@@ -40,6 +41,14 @@ from pipeline.device import resolve_device
 from pipeline.train.trainer import Trainer  # noqa: E402
 
 
+COMPILED = "_compiled"  # the suffix of a mode whose student is compiled
+
+
+def reference_mode(name: str) -> str:
+    """The student-only mode a mode's ratios divide by: the compiled one for compiled modes."""
+    return "student_only" + (COMPILED if name.endswith(COMPILED) else "")
+
+
 def time_modes(cfgs: dict[str, Config], warmup: int, iterations: int) -> dict[str, dict]:
     """Median step and iteration times of every mode, their steps taken in turn (round robin).
 
@@ -68,13 +77,18 @@ def time_modes(cfgs: dict[str, Config], warmup: int, iterations: int) -> dict[st
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     results = {name: {"step_s": median(steps[name]), "iteration_s": median(walls[name]),
                       "mean_iteration_s": sum(walls[name]) / len(walls[name])} for name in trainers}
-    reference = steps["student_only"]
     for name in trainers:
-        if name != "student_only":
-            results[name]["paired_step_ratio"] = median([a / b for a, b in zip(steps[name], reference)])
+        if name != reference_mode(name):
+            results[name]["paired_step_ratio"] = median([a / b for a, b in zip(steps[name], steps[reference_mode(name)])])
+        if name.endswith(COMPILED):  # its step over the same mode's eager step, round by round
+            results[name]["paired_ratio_to_eager"] = median(
+                [a / b for a, b in zip(steps[name], steps[name.removesuffix(COMPILED)])])
     # The arithmetic of one more step of each mode (torch's FLOP counter: convolutions and matrix
     # products, forward and backward): the ratio a machine equally efficient at every op would see.
+    # (Not for compiled students: the counter sees only part of a compiled graph's work.)
     for name, trainer in trainers.items():
+        if trainer.cfg.train.compile:
+            continue
         with FlopCounterMode(display=False) as counter:
             trainer.step(next(streams[name]))
         results[name]["gflop"] = counter.get_total_flops() / 1e9
@@ -121,6 +135,9 @@ def main() -> None:
     p.add_argument("--gp-every", type=int, default=1,
                    help="the gradient penalty on every N-th discriminator step (distill.gp_every; 1 = the paper)")
     p.add_argument("--no-online", action="store_true", help="time student-only and cached steps only")
+    p.add_argument("--compile", action="store_true",
+                   help="also time every mode with its student compiled (train.compile), in the same rounds; the "
+                        "first warm-up step compiles")
     p.add_argument("--output", default=None)
     args = p.parse_args()
     loss_sets = args.losses or ["pi,pa,ho"]
@@ -156,18 +173,21 @@ def main() -> None:
         modes += [(f"cached_{losses}", {"distill": {**distill, "cache": cache}})]
         if not args.no_online:
             modes += [(f"online_{losses}", {"distill": {**distill, "teacher": teacher_path}})]
-    cfgs = {name: merge(Config(), {**base, **extra, "train": {**base["train"], "out": str(tmp / name)}})
+    if args.compile:
+        modes += [(name + COMPILED, {**extra, "train": {"compile": True}}) for name, extra in modes]
+    cfgs = {name: merge(Config(), {**base, **extra, "train": {**base["train"], **extra.get("train", {}), "out": str(tmp / name)}})
             for name, extra in modes}
     results = time_modes(cfgs, args.warmup, args.iterations)
     for name, r in results.items():
-        print(f"{name:22s} step {r['step_s'] * 1e3:8.1f} ms   iteration {r['iteration_s'] * 1e3:8.1f} ms   "
-              f"{r['gflop']:7.1f} GFLOP", flush=True)
-    ref = results["student_only"]
+        flops = f"   {r['gflop']:7.1f} GFLOP" if "gflop" in r else ""
+        print(f"{name:22s} step {r['step_s'] * 1e3:8.1f} ms   iteration {r['iteration_s'] * 1e3:8.1f} ms{flops}", flush=True)
     for name in results:
-        if name != "student_only":
+        ref = results[reference_mode(name)]
+        if name != reference_mode(name):
             results[name]["step_ratio"] = results[name]["step_s"] / ref["step_s"]
             results[name]["iteration_ratio"] = results[name]["iteration_s"] / ref["iteration_s"]
-            results[name]["flop_ratio"] = results[name]["gflop"] / ref["gflop"]
+            if "gflop" in ref:
+                results[name]["flop_ratio"] = results[name]["gflop"] / ref["gflop"]
     if args.profile:
         extra = {"distill": {"losses": loss_sets[-1].split(","), "cache": cache, "gp_every": args.gp_every}}
         cfg = merge(Config(), {**base, **extra, "train": {**base["train"], "out": str(tmp / "profile")}})
@@ -181,10 +201,14 @@ def main() -> None:
         "commit": commit, "command": " ".join(sys.argv), "torch": torch.__version__,
         "student": f"{args.student} x{args.student_width}", "teacher": teacher_path if args.teacher else f"{args.teacher_arch} x{args.teacher_width} (random init)",
         "dataset": args.dataset, "batch_size": args.batch_size, "crop": args.crop, "losses": loss_sets,
-        "warmup": args.warmup, "iterations": args.iterations, "gp_every": args.gp_every, "results": results,
+        "warmup": args.warmup, "iterations": args.iterations, "gp_every": args.gp_every, "compile": args.compile,
+        "results": results,
     }
     print(json.dumps({k: round(v["step_ratio"], 3) for k, v in results.items() if "step_ratio" in v}))
     print("FLOP ratios:", json.dumps({k: round(v["flop_ratio"], 3) for k, v in results.items() if "flop_ratio" in v}))
+    if args.compile:
+        print("compiled / eager, paired:",
+              json.dumps({k: round(v["paired_ratio_to_eager"], 3) for k, v in results.items() if "paired_ratio_to_eager" in v}))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report, indent=2))

@@ -105,6 +105,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
+    # torch.compile the student's training forward (and so its backward). Off by default: compiling
+    # takes about a minute, and it is measured on a CPU only (docs/BENCHMARKS.md). The discriminator
+    # stays eager: the gradient penalty's double backward does not run through compiled graphs.
+    compile: bool = False
     # Under torchrun: BatchNorm statistics over the global batch (the paper's recipes assume large
     # batches). None = on with several processes.
     sync_bn: bool | None = None

@@ -145,6 +145,34 @@ def test_resume_is_exact(tiny_config, store, tmp_path, monkeypatch):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (ra["iteration"], key)
 
 
+def test_a_compiled_student_trains_as_the_eager_one(tiny_config, store, tmp_path, monkeypatch):
+    """--compile wraps the student's training forward in torch.compile; the run logs the same terms
+    and ends with the same weights as an eager run, and checkpoints hold the plain module. (The
+    aot_eager backend: the same graph capture and autograd as inductor, without its minute of code
+    generation.)"""
+    compile_ = torch.compile
+    compiled = []
+
+    def compile_with_aot_eager(module, **kwargs):
+        compiled.append(module)
+        return compile_(module, backend="aot_eager")
+
+    # Two steps, each logged: float rounding differs between the two, and training amplifies it.
+    terms, steps = ("pi", "pa", "ho"), {"iterations": 2, "log_every": 1}
+    train(make_config(tiny_config, tmp_path / "eager", terms, store, train=steps), progress=False)
+    monkeypatch.setattr(torch, "compile", compile_with_aot_eager)
+    train(make_config(tiny_config, tmp_path / "compiled", terms, store, train=steps | {"compile": True}), progress=False)
+
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)  # the student, once
+    for a, b in zip(read_log(tmp_path / "eager"), read_log(tmp_path / "compiled"), strict=True):
+        for key in ("task", "pi", "pa", "ho", "d_adv", "d_gp"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["iteration"], key)
+    eager, compiled_run = load_checkpoint(tmp_path / "eager" / "last.pt"), load_checkpoint(tmp_path / "compiled" / "last.pt")
+    assert eager["model"].keys() == compiled_run["model"].keys()  # no "_orig_mod." prefixes
+    for name, tensor in eager["model"].items():
+        assert torch.allclose(tensor.float(), compiled_run["model"][name].float(), rtol=1e-3, atol=1e-5), name
+
+
 def test_validation_logs_the_val_miou_and_keeps_the_best_model(tiny_config, tmp_path):
     from pipeline.evaluate import evaluate_model
 

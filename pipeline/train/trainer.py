@@ -148,6 +148,8 @@ class Trainer:
         # What the step calls: the modules themselves, or their DDP wrappers (gradients averaged over
         # ranks); checkpoints always hold the plain modules.
         self.model, self.adapt = self._replicated(self.student), self._replicated(self.adapter)
+        if t.compile:  # the step calls the compiled wrapper; validation and checkpoints use the module
+            self.model = torch.compile(self.model)
         params = [*self.student.parameters(), *(self.adapter.parameters() if self.adapter is not None else [])]
         self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         # Progress by iterations, or by training seconds against --budget-minutes.
