@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU call (about 7 minutes on an H200: 4.4 for steps 1-3 when last run, then about 2.5 for 4-5)
+# One GPU call (about 7 minutes on an H200: 4.4 for steps 1-3 when last run, then up to 5 for 4-5)
 # for what only a GPU can show:
 #   1. torchrun --nproc_per_node 1: the NCCL process group, the DDP student and the rank logic of
 #      cache-teacher start and finish (train-teacher, cache-teacher, train-student pi,pa,ho);
@@ -16,7 +16,7 @@
 # On a GPU machine prepared with ../shared/device/prepare.sh:
 #   source .device/activate.sh && timeout 560 bench/gpu_check.sh "$OUT"
 # (each step has its own limit, and what the steps wrote before a timeout stays)
-# A CPU dry run of the same script (under two minutes on 2 cores, numbers meaningless; crops of at least
+# A CPU dry run of the same script (about three minutes on 2 cores, numbers meaningless; crops of at least
 # 128x128, as pair-wise nodes need more than one stored feature cell):
 #   DEVICE=cpu SIZE=128x192 CROP=128x128 TEACHER=pspnet_resnet18 WIDTH=0.25 LOSSES="pi pi,pa pi,pa,ho" \
 #     PYTHON=.venv/bin/python bench/gpu_check.sh /tmp/check
@@ -60,7 +60,7 @@ done
 MAPS=$(( ${CROP%x*} / 8 ))
 step discriminator_step 60 $PY bench/discriminator_step.py --maps "$MAPS" --device "$DEVICE" \
   --output "$RESULTS/discriminator_step_gpu.json"
-step step_time_compiled 180 $PY bench/step_time.py --size "$SIZE" --crop "$CROP" --student-width "$WIDTH" \
+step step_time_compiled 240 $PY bench/step_time.py --size "$SIZE" --crop "$CROP" --student-width "$WIDTH" \
   --teacher-arch "$TEACHER" --teacher-width "$WIDTH" --workers 4 --device "$DEVICE" --warmup 2 --iterations 8 \
   --losses pi,pa,ho --no-online --compile --output "$RESULTS/step_time_compiled_gpu.json"
 rm -rf "$WORK"
