@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU call (about 7 minutes on an H200: 4.4 for steps 1-3 when last run, then up to 5 for 4-5)
+# One GPU call (steps 1-3 took 4.4 minutes on an H200 when last run; steps 4-5 add 1-5 minutes)
 # for what only a GPU can show:
 #   1. torchrun --nproc_per_node 1: the NCCL process group, the DDP student and the rank logic of
 #      cache-teacher start and finish (train-teacher, cache-teacher, train-student pi,pa,ho);
