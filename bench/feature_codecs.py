@@ -80,27 +80,25 @@ def pairwise_errors(exact: np.ndarray, decoded: np.ndarray) -> dict[str, float]:
 
 
 def two_sided(x: np.ndarray, positive: int, negative: int) -> tuple[float, np.ndarray]:
-    """Each position divided by its largest |value| (as the store does), then per image and channel a
-    step for the values above 0 (``positive`` levels up to the largest) and a finer one below
-    (``negative`` levels down to the smallest, never coarser than the step above): the leaky ReLU's
-    negative side, about 1 % of the positive side's scale, gets levels of its own instead of one
-    shared with everything else. Decodes with one more array per image and channel."""
-    t = torch.from_numpy(x).float()
-    peak = t.abs().amax(dim=1)
-    image_peak = peak.flatten(1).amax(dim=1).clamp(min=1e-30)[:, None, None]
-    position = (peak / image_peak).half().clamp(min=2.0 ** -24).float() * image_peak
-    scaled = t / position[:, None]
+    """The store's position scales (``encode_features``), then per image and channel a step for the
+    values above 0 (``positive`` levels up to the largest) and a finer one below (``negative`` levels
+    down to the smallest, never coarser than the step above): the leaky ReLU's negative side, about
+    1 % of the positive side's scale, gets levels of its own instead of one shared with everything
+    else. Decodes with one more array per image and channel."""
+    values, scale, offset, position = encode_features(torch.from_numpy(x), 1)
+    scaled = values * scale[..., None, None] + offset[..., None, None]  # the features over their position scale
     flat = scaled.flatten(2)
     low, high = (-flat.amin(dim=2)).clamp(min=0), flat.amax(dim=2).clamp(min=0)
-    step_up = high.clamp(min=2.0 ** -10) / positive
-    step_down = torch.minimum(step_up, low.clamp(min=2.0 ** -10) / negative)
+    floor = 2.0 ** -10 * flat.abs().amax(dim=(1, 2), keepdim=True)[..., 0]  # a step for channels with nothing on a side
+    step_up = torch.maximum(high, floor) / positive
+    step_down = torch.minimum(step_up, torch.maximum(low, floor) / negative)
     zero = torch.ceil(low / step_down).clamp(max=255 - positive)  # the code of 0, per image and channel
     step_down = torch.maximum(step_down, low / zero.clamp(min=1))
     step_up, step_down, zero = step_up[..., None, None], step_down[..., None, None], zero[..., None, None]
     codes = (zero + torch.round(scaled / torch.where(scaled < 0, step_down, step_up))).clamp(0, 255)
     size, _ = encoded(codes.numpy(), "uint8", [Delta(dtype="u1")], [ZstdCodec(level=9)])
-    side, _ = encoded(position.numpy() / image_peak.numpy(), "float16", None, [ZstdCodec(level=9)])
-    decoded = (codes - zero) * torch.where(codes < zero, step_down, step_up) * position[:, None]
+    side, _ = encoded(position.float().numpy(), "float16", None, [ZstdCodec(level=9)])
+    decoded = (codes - zero) * torch.where(codes < zero, step_down, step_up) * position.float()[:, None]
     return size + side + 12 * x.shape[1], decoded.numpy()
 
 

@@ -173,6 +173,21 @@ def test_a_compiled_student_trains_as_the_eager_one(tiny_config, store, tmp_path
         assert torch.allclose(tensor.float(), compiled_run["model"][name].float(), rtol=1e-3, atol=1e-5), name
 
 
+def test_a_student_that_cannot_compile_stops_with_a_clear_error(tiny_config, tmp_path, monkeypatch):
+    """A compiler that fails (say, no C++ toolchain for inductor) stops the run on its first step with
+    an SkdError naming --compile, and leaves no checkpoint."""
+    compile_ = torch.compile
+
+    def failing_backend(graph, example_inputs):
+        raise OSError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compile_(module, backend=failing_backend))
+    out = tmp_path / "run"
+    with pytest.raises(SkdError, match=r"--compile.*OSError: no C\+\+ compiler found.*without --compile"):
+        train(make_config(tiny_config, out, train={"compile": True}), progress=False)
+    assert not (out / "last.pt").exists() and not (out / "model.pt").exists()
+
+
 def test_validation_logs_the_val_miou_and_keeps_the_best_model(tiny_config, tmp_path):
     from pipeline.evaluate import evaluate_model
 

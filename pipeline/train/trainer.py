@@ -289,7 +289,12 @@ class Trainer:
             images = normalize(batch["image"])
             self.student.train()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-                out = self.model(images)
+                try:
+                    out = self.model(images)
+                except torch._dynamo.exc.BackendCompilerFailed as exc:  # --compile only: the first step compiles
+                    raise SkdError(f"--compile: torch.compile could not compile the student "
+                                   f"({type(exc.inner_exception).__name__}: {str(exc.inner_exception)[:300]}); "
+                                   "train without --compile; this step wrote nothing") from exc
             out_hw = tuple(out.logits.shape[-2:])
             logits = out.logits.float()
         label = batch["label"]
