@@ -117,16 +117,16 @@ def distributed_run(ctx: click.Context, device: str) -> Iterator[bool]:
     """Under torchrun, join the process group (NCCL on GPUs, gloo on the CPU) for the command's
     duration; yields whether this process is rank 0 (the only one that logs and prints)."""
     from pipeline.device import resolve_device
-    from pipeline.train import distributed
+    from pipeline import parallel
 
-    world = distributed.init(resolve_device(device).type)
+    world = parallel.init(resolve_device(device).type)
     if not world.main:
         logging.getLogger().setLevel(logging.WARNING)
         ctx.obj["progress"] = False
     try:
         yield world.main
     finally:
-        distributed.shutdown()
+        parallel.shutdown()
 
 
 def build_config(config_path: str | None, **sections: dict[str, Any]) -> Config:

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cache.replay import TrainingSamples, collate, replay_targets  # noqa: E402
+from pipeline.cache.replay import replay_targets  # noqa: E402
+from pipeline.data.samples import TrainingSamples, collate  # noqa: E402
 from pipeline.cache.store import TeacherStore  # noqa: E402
 from pipeline.inference import predict  # noqa: E402
 from pipeline.cache.writer import cache_teacher  # noqa: E402

@@ -12,7 +12,6 @@ from typing import Any
 import yaml
 
 from pipeline.data.transforms import AugmentConfig
-from pipeline.distill.losses import parse_node_size
 from pipeline.errors import SkdError
 from pipeline.inference import PRECISIONS
 
@@ -222,3 +221,33 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= cfg.distill.kd_warmup <= 1.0:
         raise SkdError(f"distill.kd_warmup is a fraction of the training iterations in [0, 1], not {cfg.distill.kd_warmup}")
     parse_node_size(cfg.distill.pa_node)
+
+
+NodeSpec = float | str
+
+
+def parse_node_size(spec: NodeSpec) -> tuple[str, float | int]:
+    """Read a pair-wise node-size option: ``("fraction", f)`` or ``("pixels", n)``.
+
+    * a number in (0, 1]: a fraction of the feature map per node side; 0.5 (the reference
+      default) gives 2×2 nodes, 1 (or 1.0) the whole map as one node.
+    * a string ``"<n>px"`` with an integer n ≥ 1: a fixed kernel of n feature pixels per side
+      (``"1px"`` = one node per pixel).
+
+    Anything else — a number above 1, a non-integer pixel count — is refused rather than rounded.
+    """
+    if isinstance(spec, bool):
+        raise SkdError(f"pair-wise node size must be a fraction in (0, 1] or '<n>px', got {spec!r}")
+    if isinstance(spec, str) and spec.strip().lower().endswith("px"):
+        count = spec.strip()[:-2]
+        if not count.isdigit() or int(count) < 1:
+            raise SkdError(f"pair-wise node size {spec!r}: the pixel count must be a whole number >= 1, e.g. '2px'")
+        return "pixels", int(count)
+    try:
+        fraction = float(spec)
+    except (TypeError, ValueError):
+        raise SkdError(f"pair-wise node size must be a fraction in (0, 1] or '<n>px', got {spec!r}") from None
+    if not 0.0 < fraction <= 1.0:  # also false for NaN
+        hint = f"; for a kernel of {fraction:g} pixels write '{fraction:g}px'" if fraction > 1 else ""
+        raise SkdError(f"pair-wise node size {spec!r} is not a fraction in (0, 1]{hint}")
+    return "fraction", fraction

@@ -17,7 +17,8 @@ import yaml
 import zarr
 
 import pipeline
-from pipeline.cache.replay import TrainingSamples, collate, replay_targets
+from pipeline.cache.replay import replay_targets
+from pipeline.data.samples import TrainingSamples, collate
 from pipeline.cache.store import TeacherStore, create_store, redact
 from pipeline.inference import predict
 from pipeline.cache.writer import cache_teacher
@@ -328,7 +329,7 @@ def test_zip_and_url_stores_work_in_forked_loader_workers(tmp_path, val_store, t
         store.read(0)  # opened in the parent first, as a training script would
         samples = TrainingSamples(val_set, AugmentConfig(), store)
         loader = torch.utils.data.DataLoader(samples, batch_size=2, num_workers=2, collate_fn=collate)
-        got = torch.cat([batch["teacher_logits"] for batch in loader])
+        got = torch.cat([batch["teacher_log_probs"] for batch in loader])
         for i in range(LENGTH):
             np.testing.assert_array_equal(got[i].numpy(), expected[i])
 
@@ -338,7 +339,7 @@ def test_features_are_not_read_when_not_needed(val_store, val_set):
     with_features = collate([TrainingSamples(val_set, AugmentConfig(), store)[i] for i in range(2)])
     without = collate([TrainingSamples(val_set, AugmentConfig(), store, features=False)[i] for i in range(2)])
     assert "teacher_features" not in without and "feature_box" not in without
-    torch.testing.assert_close(without["teacher_logits"], with_features["teacher_logits"])
+    torch.testing.assert_close(without["teacher_log_probs"], with_features["teacher_log_probs"])
     logits, features = replay_targets(without, (6, 8))
     assert features is None and logits.shape[-2:] == (6, 8)
 

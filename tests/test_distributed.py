@@ -26,7 +26,7 @@ import zarr
 
 from conftest import TINY_DATA
 from pipeline.train.checkpoint import load_checkpoint
-from pipeline.train.distributed import AllReduceBatchNorm2d
+from pipeline.parallel import AllReduceBatchNorm2d
 
 REPO = Path(__file__).resolve().parents[1]
 ITERATIONS = 6

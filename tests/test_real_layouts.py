@@ -13,7 +13,8 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.cache.replay import TrainingSamples, collate, replay_targets
+from pipeline.cache.replay import replay_targets
+from pipeline.data.samples import TrainingSamples, collate
 from pipeline.cache.store import TeacherStore
 from pipeline.cache.writer import cache_teacher
 from pipeline.data import build_dataset

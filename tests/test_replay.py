@@ -11,8 +11,9 @@ import zarr
 import torch.nn.functional as F
 from torch import nn
 
-import pipeline.cache.replay as replay_module
-from pipeline.cache.replay import TrainingSamples, collate, replay_targets, valid_mask
+import pipeline.data.samples as samples_module
+from pipeline.cache.replay import replay_targets, valid_mask
+from pipeline.data.samples import TrainingSamples, collate
 from pipeline.cache.store import TeacherStore, create_store, finalize
 from pipeline.cache.writer import cache_teacher
 from pipeline.config import Config, merge
@@ -50,7 +51,7 @@ class PooledTeacher(nn.Module):
 def force_params(monkeypatch, params: list[CropParams]) -> None:
     """Make TrainingSamples use the given augmentation parameters, one per item read, in order."""
     queue = iter(params)
-    monkeypatch.setattr(replay_module, "sample_params", lambda cfg, image_hw, rng: next(queue))
+    monkeypatch.setattr(samples_module, "sample_params", lambda cfg, image_hw, rng: next(queue))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,8 +76,8 @@ def test_replay_of_grid_aligned_crop_equals_teacher_on_crop(tmp_path, monkeypatc
         assert torch.equal(item["image"], crop.flip(-1) if i == 1 else crop)
         assert item["valid"].all()
     batch = collate(items)
-    t_logits, t_features = replay_targets(batch, (4, 5))
-    assert t_logits.shape == (2, 8, 4, 5) and t_features.shape == (2, 6, 4, 5)
+    t_log_probs, t_features = replay_targets(batch, (4, 5))
+    assert t_log_probs.shape == (2, 8, 4, 5) and t_features.shape == (2, 6, 4, 5)
 
     with torch.no_grad():
         on_crops = teacher(normalize(batch["image"]))
@@ -84,14 +85,14 @@ def test_replay_of_grid_aligned_crop_equals_teacher_on_crop(tmp_path, monkeypatc
     # Equal up to 8-bit storage: one step of log-probability (16/255); features to half of 1/127 of
     # a channel's range after division by the position's largest |value| (at most that |value| / 127).
     log_step, feature_step = 16 / 255 * 1.01, float(on_crops.features.abs().max()) / 127 * 1.01
-    torch.testing.assert_close(t_logits.log_softmax(1), on_crops.logits.log_softmax(1), atol=log_step, rtol=0)
+    torch.testing.assert_close(t_log_probs.log_softmax(1), on_crops.logits.log_softmax(1), atol=log_step, rtol=0)
     torch.testing.assert_close(t_features, on_crops.features, atol=feature_step, rtol=0)
     # The flipped sample's target is the mirror image of the teacher on the unflipped crop.
-    torch.testing.assert_close(t_logits[1].log_softmax(0), unflipped.logits[0].log_softmax(0).flip(-1), atol=log_step,
+    torch.testing.assert_close(t_log_probs[1].log_softmax(0), unflipped.logits[0].log_softmax(0).flip(-1), atol=log_step,
                                rtol=0)
     torch.testing.assert_close(t_features[1], unflipped.features[0].flip(-1), atol=feature_step, rtol=0)
     # ... and differs from the unmirrored one (the flip is not a no-op on this data).
-    assert (t_logits[1] - unflipped.logits[0].log_softmax(0)).abs().max() > 0.1
+    assert (t_log_probs[1] - unflipped.logits[0].log_softmax(0)).abs().max() > 0.1
 
 
 def test_replay_of_scaled_crop_samples_a_ramp_bilinearly(tmp_path, monkeypatch):
@@ -134,15 +135,15 @@ def test_replay_of_scaled_crop_samples_a_ramp_bilinearly(tmp_path, monkeypatch):
     # Only the cache under the crop is read: on the 6x8 grid the box spans rows 3..5, cols 4..6.5; with
     # a one-cell margin that is rows 2..6, cols 3..8 of the logits; widened to the pooling grid,
     # rows 2..6, cols 2..8 for the features (feature cells 1..3, 1..4).
-    assert items[0]["teacher_logits"].shape == (2, 4, 5) and items[0]["teacher_features"].shape == (1, 2, 3)
+    assert items[0]["teacher_log_probs"].shape == (2, 4, 5) and items[0]["teacher_features"].shape == (1, 2, 3)
     assert torch.equal(crop_box(params, (48, 64), (32, 40)), torch.tensor([32.0, 24.0, 52.0, 40.0], dtype=torch.float64))
 
-    t_logits, t_features = replay_targets(collate(items), (4, 5))
-    torch.testing.assert_close(t_logits[0, 0], -step * logit_ramp, atol=1e-4, rtol=0)
-    torch.testing.assert_close(t_logits[0, 1], -step * (57 - logit_ramp), atol=1e-4, rtol=0)
+    t_log_probs, t_features = replay_targets(collate(items), (4, 5))
+    torch.testing.assert_close(t_log_probs[0, 0], -step * logit_ramp, atol=1e-4, rtol=0)
+    torch.testing.assert_close(t_log_probs[0, 1], -step * (57 - logit_ramp), atol=1e-4, rtol=0)
     torch.testing.assert_close(t_features[0, 0], feature_ramp, atol=1e-4, rtol=0)
     # The flipped sample sees the crop mirrored.
-    torch.testing.assert_close(t_logits[1, 0], -step * logit_ramp.flip(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(t_log_probs[1, 0], -step * logit_ramp.flip(-1), atol=1e-4, rtol=0)
     torch.testing.assert_close(t_features[1, 0], feature_ramp.flip(-1), atol=1e-4, rtol=0)
 
 

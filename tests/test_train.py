@@ -22,7 +22,9 @@ from pipeline.distill.losses import pixelwise_loss
 from pipeline.errors import SkdError
 from pipeline.models import build_model
 from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from pipeline.train.trainer import EpochBatches, Trainer, poly_schedule, train
+from pipeline.data.samples import EpochBatches
+from pipeline.schedule import kd_weight, poly_schedule
+from pipeline.train.trainer import Trainer, train
 
 TEACHER_ARCH = {"name": "pspnet_resnet18", "num_classes": 8, "width": 0.25}
 STUDENT_ARCH = {"name": "pspnet_resnet18", "num_classes": 8, "width": 0.125}
@@ -463,7 +465,5 @@ def test_pseudo_labels_are_the_teacher_argmax_where_it_has_a_target():
 
 
 def test_kd_weight_ramps_linearly():
-    from pipeline.train.trainer import kd_weight
-
     assert [kd_weight(i, 0) for i in (0, 5)] == [1.0, 1.0]
     assert [kd_weight(i, 4) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]

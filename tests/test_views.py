@@ -9,7 +9,8 @@ import pytest
 import torch
 import zarr
 
-from pipeline.cache.replay import TrainingSamples, collate, replay_targets
+from pipeline.cache.replay import replay_targets
+from pipeline.data.samples import TrainingSamples, collate
 from pipeline.cache.store import TeacherStore
 from pipeline.cache.views import VIEW_ARRAYS, view_for_epoch, view_spec
 from pipeline.cache.writer import cache_teacher

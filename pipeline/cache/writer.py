@@ -33,7 +33,7 @@ from pipeline.cache.views import VIEW_ARRAYS, crop_params, draw_views
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, apply_jitter, apply_params, normalize
 from pipeline.errors import SkdError
 from pipeline.faults import fault_point
-from pipeline.train import distributed
+from pipeline import parallel as distributed
 
 log = logging.getLogger(__name__)
 

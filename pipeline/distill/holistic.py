@@ -30,8 +30,8 @@ from torch import Tensor
 from pipeline.config import DistillConfig
 from pipeline.distill.losses import discriminator_loss, generator_loss, gradient_penalty
 from pipeline.models.discriminator import Discriminator
-from pipeline.train.distributed import average_gradients, broadcast_module, current
-from pipeline.train.schedule import Progress, poly_schedule
+from pipeline.parallel import average_gradients, broadcast_module, current
+from pipeline.schedule import Progress, poly_schedule
 
 
 class _ScaleGradient(torch.autograd.Function):

@@ -1,5 +1,6 @@
 """Where the teacher's targets come from: the cache (replayed onto each augmented crop) or the
-teacher itself, run live on the batch (online mode). One interface, so the trainer has no branch."""
+teacher itself, run live on the batch (online mode). One interface, so the trainer has no branch:
+each call gives the teacher's (log-probabilities, features) on the student's output grid."""
 
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ class CachedTargets:
         self.projection = projection
 
     def __call__(self, batch: dict, images: torch.Tensor, out_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits, features = replay_targets(batch, out_hw)
+        log_probs, features = replay_targets(batch, out_hw)
         if self.projection is not None and features is not None:
             features = unproject(features, self.projection)
-        return logits, features
+        return log_probs, features
 
 
 class OnlineTargets:

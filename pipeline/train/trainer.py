@@ -25,11 +25,12 @@ from torch.profiler import record_function
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from pipeline.cache.replay import TrainingSamples, collate
+from pipeline import parallel
 from pipeline.cache.store import TeacherStore, redact
 from pipeline.cache.views import spec_augment
 from pipeline.config import Config
 from pipeline.data import build_dataset
+from pipeline.data.samples import EpochBatches, TrainingSamples, collate
 from pipeline.data.transforms import IGNORE_INDEX, normalize
 from pipeline.device import resolve_device, set_cpu_threads
 from pipeline.distill.holistic import HolisticTerm
@@ -38,43 +39,17 @@ from pipeline.distill.targets import CachedTargets, OnlineTargets
 from pipeline.errors import SkdError
 from pipeline.inference import OUTPUT_STRIDE, output_size
 from pipeline.models import build_model
-from pipeline.train import distributed
+from pipeline.schedule import Progress, kd_weight, poly_schedule
 from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from pipeline.train.schedule import Progress, poly_schedule
 
 log = logging.getLogger(__name__)
-
-
-class EpochBatches(torch.utils.data.Sampler):
-    """Endless batches of (epoch, index) pairs: each epoch a seeded permutation of the ``n`` samples,
-    starting ``start`` batches in (so a resumed run sees the same data as an uninterrupted one).
-    The epoch travels with each index, so one loader (and its workers) serves the whole run.
-
-    With several processes, ``batch_size`` is the global batch and each rank takes its slice of it:
-    together they see what one process would, at any world size.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
-        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
-        self.rank, self.world_size = rank, world_size
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        per_epoch = self.n // self.batch_size
-        epoch, first = divmod(self.start, per_epoch)
-        while True:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch)).tolist()
-            for b in range(first, per_epoch):
-                batch = order[b * self.batch_size : (b + 1) * self.batch_size]
-                share = self.batch_size // self.world_size
-                yield [(epoch, i) for i in batch[self.rank * share : (self.rank + 1) * share]]
-            epoch, first = epoch + 1, 0
 
 
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
         self.cfg = cfg
         # Under torchrun: one process per GPU (or CPU worker); rank 0 alone writes logs and checkpoints.
-        self.world = distributed.current()
+        self.world = parallel.current()
         self.show_progress = progress and self.world.main
         self.device = resolve_device(cfg.train.device)
         if self.device.type == "cuda" and self.world.distributed:
@@ -140,7 +115,7 @@ class Trainer:
         t = cfg.train
         sync_bn = t.sync_bn if t.sync_bn is not None else self.world.size > 1
         if sync_bn and self.world.size > 1:  # statistics of the global batch, as one process would have
-            self.student = distributed.sync_batchnorm(self.student)
+            self.student = parallel.sync_batchnorm(self.student)
         # Feature distillation: a 1x1 conv from the student's PSP features to the teacher's channels,
         # trained with the student (and kept out of model.pt: deployment needs the student alone).
         self.adapter = (torch.nn.Conv2d(self.student.feature_channels, teacher_channels, 1).to(self.device)
@@ -298,19 +273,19 @@ class Trainer:
             out_hw = tuple(out.logits.shape[-2:])
             logits = out.logits.float()
         label = batch["label"]
-        t_logits = t_features = None
+        t_log_probs = t_features = None
         if self.targets is not None:
             with record_function("teacher targets"):
-                t_logits, t_features = self.targets(batch, images, out_hw)
+                t_log_probs, t_features = self.targets(batch, images, out_hw)
             if d.pseudo_labels:
-                label = pseudo_labels(t_logits, batch["valid"], label.shape[-2:])
+                label = pseudo_labels(t_log_probs, batch["valid"], label.shape[-2:])
         weight = self._kd_weight()
         with record_function("losses"):
             losses = {"task": task_loss(logits, label, out.aux.float() if out.aux is not None else None,
                                         aux_weight=cfg.train.aux_weight)}
             valid = batch["valid"]
             if "pi" in self.terms:
-                losses["pi"] = weight * d.lambda_pi * pixelwise_loss(logits, t_logits, d.temperature, valid)
+                losses["pi"] = weight * d.lambda_pi * pixelwise_loss(logits, t_log_probs, d.temperature, valid)
             if "pa" in self.terms:
                 node = resolve_node_size(out_hw, d.pa_node)
                 losses["pa"] = weight * d.lambda_pa * pairwise_loss(out.features.float(), t_features, node, valid)
@@ -322,7 +297,7 @@ class Trainer:
         backprop, logged = torch.zeros((), device=self.device), {}
         if self.holistic is not None:
             with record_function("discriminator"):
-                backprop, logged = self.holistic.losses(logits, t_logits, images, valid, weight)
+                backprop, logged = self.holistic.losses(logits, t_log_probs, images, valid, weight)
         total = sum(losses.values()) + backprop
         if grad_norms:
             pulls = losses | ({"ho": backprop} if "ho" in self.terms else {})  # only the student's term reaches the features
@@ -349,7 +324,7 @@ class Trainer:
     def _checked_values(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
         """The loss values as floats, averaged over ranks (one device sync for all of them); a NaN/inf
         stops the run (on every rank: they all see the same values)."""
-        stacked = distributed.all_mean(torch.stack([v.detach().float() for v in losses.values()]))
+        stacked = parallel.all_mean(torch.stack([v.detach().float() for v in losses.values()]))
         values = dict(zip(losses, stacked.tolist()))
         for name, value in values.items():
             if not math.isfinite(value):
@@ -415,14 +390,14 @@ class Trainer:
                 window.append(now - tic)
                 self.progress.elapsed_s += now - last  # data loading and checkpoints count against a budget
                 if budget and self.world.size > 1:  # every rank stops at the same step: the slowest one's time
-                    self.progress.elapsed_s = distributed.all_max(self.progress.elapsed_s, self.device)
+                    self.progress.elapsed_s = parallel.all_max(self.progress.elapsed_s, self.device)
                 last = now
                 bar.update(1)
                 done = self.finished()
                 if t.val_every and (self.iteration % t.val_every == 0 or done):
                     if main:
                         record |= self.validate()
-                    distributed.barrier()  # the other ranks wait for rank 0's evaluation
+                    parallel.barrier()  # the other ranks wait for rank 0's evaluation
                 if self.iteration % t.log_every == 0 or done or "val_miou" in record:
                     record |= {"iteration": self.iteration, "lr": self.scheduler.get_last_lr()[0],
                                "step_s": sum(window) / len(window), "elapsed_s": self.progress.elapsed_s}
@@ -449,7 +424,7 @@ class Trainer:
         final = self.out / "model.pt"
         if main:
             save_checkpoint(final, {"arch": self.arch(), "model": self.student.state_dict()})
-        distributed.barrier()  # no rank returns before model.pt exists
+        parallel.barrier()  # no rank returns before model.pt exists
         log.info("trained %s in %.0f s -> %s", self.cfg.model.name, time.perf_counter() - started, final)
         return final
 
@@ -497,12 +472,6 @@ def public_config(cfg: Config) -> dict:
 def _grad_norm(loss: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     (grad,) = torch.autograd.grad(loss, tensor, retain_graph=True, allow_unused=True)
     return torch.zeros((), device=tensor.device) if grad is None else grad.float().norm()
-
-
-def kd_weight(iteration: int, warmup: int) -> float:
-    """Factor on every distillation term: a linear ramp from 0 to 1 over ``warmup`` iterations
-    (no ramp at 0), so a student from scratch learns from the labels before the teacher pulls."""
-    return 1.0 if warmup <= 0 else min(1.0, (iteration + 1) / warmup)
 
 
 def pseudo_labels(teacher_log_probs: torch.Tensor, valid: torch.Tensor, label_hw: tuple[int, int]) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""Learning-rate schedules shared by the student trainer and the holistic term's discriminator.
+"""Schedules over a run's progress: the poly learning rate (the student's and the discriminator's)
+and the distillation warm-up.
 
-Kept apart from ``trainer.py`` so that ``pipeline.distill.holistic`` can import it without a cycle.
+Below both ``pipeline.distill`` and ``pipeline.train``, so the holistic term imports it without climbing.
 """
 
 from __future__ import annotations
@@ -29,3 +30,9 @@ def poly_schedule(optimizer: torch.optim.Optimizer, progress: Progress | int, po
     ``Progress`` measures; held at 0 once done."""
     progress = Progress(progress) if isinstance(progress, int) else progress
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - progress.fraction(step)) ** power)
+
+
+def kd_weight(iteration: int, warmup: int) -> float:
+    """Factor on every distillation term: a linear ramp from 0 to 1 over ``warmup`` iterations
+    (no ramp at 0), so a student from scratch learns from the labels before the teacher pulls."""
+    return 1.0 if warmup <= 0 else min(1.0, (iteration + 1) / warmup)

@@ -3,6 +3,9 @@
 skd runs unchanged without torchrun (a world of one, no process group). Under ``torchrun`` the
 training and caching commands call :func:`init` once: NCCL on CUDA, gloo on the CPU. Rank 0 alone
 writes logs, checkpoints and the store's finalisation; every rank reads its own samples.
+
+Neutral ground: the cache writer, the holistic term and the trainer all import it, and it imports
+nothing of theirs.
 """
 
 from __future__ import annotations
