@@ -41,8 +41,7 @@ from zarr.codecs.numcodecs import BitRound
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cache.store import FEATURE_LEVELS  # noqa: E402
-from pipeline.cache.writer import encode_features  # noqa: E402
+from pipeline.cache.codecs import FEATURE_LEVELS, encode_features  # noqa: E402
 from pipeline.data import build_dataset  # noqa: E402
 from pipeline.data.transforms import normalize  # noqa: E402
 from pipeline.distill.losses import pairwise_loss  # noqa: E402

@@ -15,7 +15,8 @@ import pytest
 import torch
 import zarr
 
-from pipeline.cache.store import TeacherStore, recover_swap
+from pipeline.cache.lifecycle import recover_swap
+from pipeline.cache.store import TeacherStore
 from pipeline.cache.verify import verify_store
 from pipeline.cache.writer import cache_teacher
 from pipeline.config import Config, merge

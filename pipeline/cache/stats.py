@@ -1,8 +1,9 @@
 """What is in a store, computed chunk-parallel with dask (threads) straight from its arrays.
 
-Per array: bytes on disk against the raw float32 (or stored dtype) size, and values that are not
-finite within the images' extents. Of the teacher's level-1 map: how often each class is the
-argmax, the mean top-class probability and a histogram of the per-pixel entropy.
+Per array: bytes on disk against the raw float32 (or stored dtype) size, and, for the arrays whose
+values must be finite (``pipeline.cache.schema``), those that are not, within the images' extents.
+Of the teacher's level-1 map: how often each class is the argmax, the mean top-class probability
+and a histogram of the per-pixel entropy.
 """
 
 from __future__ import annotations
@@ -13,21 +14,24 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from pipeline.cache.store import TeacherStore, logit_size
+from pipeline.cache.schema import ArraySpec
+from pipeline.cache.store import TeacherStore
 
 
-def extent_mask(store: TeacherStore, level: float = 1.0) -> np.ndarray:
-    """(N, h, w) bool: the cells of each image's map that belong to the image (not the canvas)."""
-    array = store.group[store.level_arrays[level]]
-    mask = np.zeros((array.shape[0], *array.shape[2:]), dtype=bool)
+def extent_mask(store: TeacherStore, spec: ArraySpec) -> np.ndarray:
+    """(N, h, w) bool: the cells of each image's entry of a map array that belong to the image
+    (not the canvas)."""
+    array = store.array(spec.name)
+    mask = np.zeros((array.shape[0], *array.shape[-2:]), dtype=bool)
     for i, hw in enumerate(store.image_hw):
-        h, w = logit_size(hw, level)
+        h, w = spec.extent(hw)
         mask[i, :h, :w] = True
     return mask
 
 
 def store_stats(store: TeacherStore, entropy_bins: int = 20) -> dict[str, Any]:
     """Statistics of ``store`` (see the module docstring) as a JSON-ready dict."""
+    specs = {spec.name: spec for spec in store.specs()}
     arrays = {}
     for name, array in sorted(store.group.arrays()):
         raw = math.prod(array.shape) * array.dtype.itemsize
@@ -35,18 +39,20 @@ def store_stats(store: TeacherStore, entropy_bins: int = 20) -> dict[str, Any]:
         arrays[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "raw_bytes": raw,
                         "bytes_on_disk": on_disk, "ratio": on_disk / raw if on_disk and raw else None}
 
-    mask = extent_mask(store)
-    log_probs = da.from_zarr(store.group[store.level_arrays[1.0]])
-    valid = da.from_array(mask, chunks=(log_probs.chunks[0], *log_probs.chunks[2:]))
+    level = specs[store.level_arrays[1.0]]
+    log_probs = da.from_zarr(store.array(level.name))
+    valid = da.from_array(extent_mask(store, level), chunks=(log_probs.chunks[0], *log_probs.chunks[2:]))
     num_classes = log_probs.shape[1]
+    # Canvas cells outside an image hold NaN: they take no part in any statistic.
+    log_probs = da.where(valid[:, None], log_probs, 0.0)
     probs = da.exp(log_probs)
     top = probs.max(axis=1)
     entropy = -(probs * log_probs).sum(axis=1)
     weights = valid.astype(np.float64)
     counts = da.bincount(log_probs.argmax(axis=1).ravel(), weights=weights.ravel(), minlength=num_classes)
     histogram, edges = da.histogram(entropy, bins=entropy_bins, range=(0.0, math.log(num_classes)), weights=weights)
-    nonfinite = {name: (~da.isfinite(da.from_zarr(store.group[name])) & (valid[:, None] if level_map else True)).sum()
-                 for name, level_map in _finite_checked(store)}
+    nonfinite = {name: _nonfinite(store, spec) for name, spec in specs.items()
+                 if spec.verify == "finite" and spec.over_images and name in arrays}
     counts, mean_top, histogram, nonfinite, pixels = da.compute(
         counts, (top * weights).sum() / weights.sum(), histogram, nonfinite, valid.sum())
     for name, count in nonfinite.items():
@@ -60,10 +66,15 @@ def store_stats(store: TeacherStore, entropy_bins: int = 20) -> dict[str, Any]:
     }
 
 
-def _finite_checked(store: TeacherStore) -> list[tuple[str, bool]]:
-    """Arrays whose values must be finite: the level-1 map (within the extents) and per-image scales."""
-    names = [(store.level_arrays[1.0], True)]
-    return names + [(name, False) for name in ("feature_scale", "feature_offset") if name in store.group.array_keys()]
+def _nonfinite(store: TeacherStore, spec: ArraySpec) -> da.Array:
+    """Count of values that are not finite within the images' extents (all of an entry without one)."""
+    values = da.from_zarr(store.array(spec.name))
+    bad = ~da.isfinite(values)
+    if spec.extent is not None:
+        mask = extent_mask(store, spec)
+        middle = (None,) * (values.ndim - 3)
+        bad = bad & da.from_array(mask, chunks=(values.chunks[0], *values.chunks[-2:]))[(slice(None), *middle)]
+    return bad.sum()
 
 
 def format_stats(stats: dict[str, Any]) -> str:

@@ -1,29 +1,26 @@
-"""Checking a store before trusting it: every chunk read (checksums), flags, ids and provenance."""
+"""Checking a store before trusting it: every array of its schema, every image's entry read
+(checksums), flags, ids, sizes and provenance."""
 
 from __future__ import annotations
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cache.store import FEATURE_ARRAYS, TeacherStore, feature_size, logit_size
+from pipeline.cache.schema import ArraySpec
+from pipeline.cache.store import TeacherStore
+from pipeline.cache.views import draw_views
 
 # Attributes a store cannot be used without.
 REQUIRED_ATTRS = ("teacher", "dataset", "preprocessing", "feature_pool", "format_version")
 
 
-def per_image_arrays(store: TeacherStore) -> list[str]:
-    """The store's arrays with one entry per image (everything but ``image_hw`` and ``done``)."""
-    n = len(store)
-    return sorted(name for name, array in store.group.arrays()
-                  if name not in ("image_hw", "done") and array.shape and array.shape[0] == n)
-
-
 def verify_store(store: TeacherStore, progress: bool = True) -> list[str]:
     """Every problem found in ``store``, each naming the array and image it concerns (empty: sound).
 
-    Reads every image's entry of every array, so that a chunk failing its checksum (format 2) or
-    failing to decode is found; checks that maps hold finite values within each image's extent,
-    that every image is flagged done, and that ids, sizes and provenance are consistent.
+    Iterates the store's schema (``pipeline.cache.schema``): each array must be there with its
+    shape, and every image's entry of it is read, so that a chunk failing its checksum or failing
+    to decode is found; then checked as its spec says (finite within the image's extent, equal to
+    the view bank's draws, flagged done, positive sizes).
     """
     problems = [f"attribute '{key}' is missing" for key in REQUIRED_ATTRS if key not in store.attrs]
     n = len(store)
@@ -31,31 +28,48 @@ def verify_store(store: TeacherStore, progress: bool = True) -> list[str]:
         problems.append("the store is not marked complete (an interrupted cache-teacher run)")
     if len(set(store.ids)) != n:
         problems.append("image ids are not unique")
-    if store.image_hw.shape != (n, 2):
-        problems.append(f"image_hw has shape {store.image_hw.shape}, expected ({n}, 2)")
-    try:
-        done = store.group["done"][:]
-        problems += [f"image {store.ids[i]!r} (#{i}) is not flagged done" for i in np.flatnonzero(~done)]
-    except Exception as exc:
-        problems.append(f"done flags cannot be read: {type(exc).__name__}: {exc}")
-    checked = {*store.level_arrays.values(), *FEATURE_ARRAYS}  # finite when sound
+    present = dict(store.group.arrays())
+    specs = []
+    for spec in store.specs():
+        expected = (n, *spec.shape) if spec.over_images else spec.shape
+        if spec.name not in present:
+            if not spec.added_in:  # arrays added later are absent from older stores, which readers allow
+                problems.append(f"array {spec.name} is missing")
+        elif present[spec.name].shape != expected:
+            problems.append(f"{spec.name} has shape {present[spec.name].shape}, expected {expected}")
+        else:
+            specs.append(spec)
+    for spec in specs:
+        if not spec.over_images:
+            problems += _check(store, spec, None)
     for index in tqdm(range(n), desc="cache-verify", unit="img", disable=not progress):
-        for name in per_image_arrays(store):
-            try:
-                values = store.group[name][index]
-            except Exception as exc:  # checksum mismatch, truncated or undecodable chunk, missing file
-                problems.append(f"{name} of image {store.ids[index]!r} (#{index}): {type(exc).__name__}: {exc}")
-                continue
-            if name in checked:
-                h, w = _extent(store, name, index)
-                if not np.isfinite(values[..., :h, :w] if values.ndim >= 2 else values).all():
-                    problems.append(f"{name} of image {store.ids[index]!r} (#{index}) holds NaN or inf")
+        for spec in specs:
+            if spec.over_images:
+                problems += _check(store, spec, index)
     return problems
 
 
-def _extent(store: TeacherStore, name: str, index: int) -> tuple[int, int]:
-    """The part of an image's map on the canvas that belongs to the image."""
-    if name in ("features", "feature_position_scale"):
-        return feature_size(store.image_hw[index], store.feature_pool)
-    level = next((level for level, array in store.level_arrays.items() if array == name), 1.0)
-    return logit_size(store.image_hw[index], level)
+def _check(store: TeacherStore, spec: ArraySpec, index: int | None) -> list[str]:
+    """The problems of one image's entry of an array (``index`` None: an array not over images)."""
+    what = spec.name if index is None else f"{spec.name} of image {store.ids[index]!r} (#{index})"
+    try:
+        values = store.array(spec.name)[() if index is None else index]
+    except Exception as exc:  # noqa: BLE001 -- checksum mismatch, truncated or undecodable chunk
+        return [f"{what}: {type(exc).__name__}: {exc}"]
+    values = np.asarray(values)
+    if spec.verify == "finite":
+        if spec.extent is not None:
+            h, w = spec.extent(store.image_hw[index])
+            values = values[..., :h, :w]
+        if not np.isfinite(values).all():
+            return [f"{what} holds NaN or inf (a missing chunk reads as NaN)"]
+    elif spec.verify == "flags" and not values.all():
+        return [f"image {store.ids[index]!r} (#{index}) is not flagged done"]
+    elif spec.verify == "sizes" and not (values > 0).all():
+        return [f"{what} is {values.tolist()}, not a size"]
+    elif spec.verify == "drawn":
+        crops, jitter = draw_views(store.views, index, tuple(int(v) for v in store.image_hw[index]))
+        drawn = crops if spec.name == "view_crops" else jitter
+        if not np.allclose(values, drawn, rtol=0, atol=1e-6):
+            return [f"{what} differs from the views the bank's seed draws (a missing or damaged chunk)"]
+    return []

@@ -21,11 +21,6 @@ import numpy as np
 
 from pipeline.data.transforms import AugmentConfig, CropParams, sample_jitter, sample_params
 
-# The store's arrays of a bank, in the order the writer fills them.
-VIEW_ARRAYS = ("view_log_probs", "view_features", "view_feature_scale", "view_feature_offset",
-               "view_feature_position_scale", "view_crops", "view_jitter")
-
-
 def view_spec(augment: AugmentConfig, count: int, seed: int = 0) -> dict[str, Any]:
     """The provenance entry of a bank of ``count`` views per image drawn with ``augment`` (JSON)."""
     if augment.crop_size is None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -16,24 +14,24 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import zarr
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import pipeline
-from pipeline.cache.store import (FEATURE_ARRAYS, LOG_PROB_RANGE, SHARD_IMAGES, create_store, feature_size, finalize,
-                                  level_array, logit_size, read_projection, recover_swap)
-from pipeline.inference import predict, resize
-from pipeline.device import set_cpu_threads
-from pipeline.cache.lock import WriterLock
-from pipeline.cache.projection import Projection, fit_projection, project
-from pipeline.cache.views import VIEW_ARRAYS, crop_params, draw_views
+from pipeline.cache.codecs import encode_features, quantise_log_probs
+from pipeline.cache.lifecycle import LocalStoreLifecycle, pending_shards
+from pipeline.cache.projection import Projection, fit_projection
+from pipeline.cache.schema import SHARD_IMAGES, level_array
+from pipeline.cache.store import FEATURE_ARRAYS, create_store, read_layout, read_projection
+from pipeline.cache.views import crop_params, draw_views
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, apply_jitter, apply_params, normalize
+from pipeline.device import set_cpu_threads
 from pipeline.errors import SkdError
 from pipeline.faults import fault_point
-from pipeline import parallel as distributed
+from pipeline.inference import predict, resize
+from pipeline import parallel
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +121,16 @@ def cache_teacher(
         # Said before the teacher runs (the fit would find it only after a pass over the images).
         raise SkdError(f"--feature-projection {feature_projection} asks for more channels than the teacher's "
                        f"{teacher.feature_channels} features have; nothing was written")
-    world = distributed.current()
+    world = parallel.current()
+    lifecycle = LocalStoreLifecycle(out)
     with contextlib.ExitStack() as held:
         # Rank 0 alone touches the store's layout, holding the store's writer lock until it is
         # finalised; the other ranks learn the outcome (or the error) from it.
         setup_error, todo = None, None
         if world.main:
             try:
-                held.enter_context(WriterLock(out))
-                todo = _open_or_create(teacher, teacher_info, dataset, out, feature_pool, scales, flip, window,
+                held.enter_context(lifecycle.lock())
+                todo = _open_or_create(lifecycle, teacher, teacher_info, dataset, feature_pool, scales, flip, window,
                                        levels, views, precision, features, shard_images, overwrite,
                                        feature_projection, projection_images, device, progress)
             except OSError as exc:  # a read-only folder, a full disk, a path that is a file
@@ -139,35 +138,32 @@ def cache_teacher(
                                        f"{f' ({exc.filename})' if exc.filename else ''}; nothing was changed")
             except Exception as exc:
                 setup_error = exc
-        shared = distributed.broadcast_object(None if setup_error is None else str(setup_error) or type(setup_error).__name__)
+        shared = parallel.broadcast_object(None if setup_error is None else str(setup_error) or type(setup_error).__name__)
         if setup_error is not None:
             raise setup_error
         if shared is not None:
             raise SkdError(f"rank 0 stopped: {shared}")
-        todo = distributed.broadcast_object(todo)
+        todo = parallel.broadcast_object(todo)
         if todo is None:
             log.info("%s is already complete, from the same teacher, data and settings: nothing to do", out)
             return out
-        _write_shards(teacher, dataset, out, todo, world, batch_size=batch_size, device=device,
+        _write_shards(teacher, dataset, lifecycle, todo, world, batch_size=batch_size, device=device,
                       feature_pool=feature_pool, scales=scales, flip=flip, window=window, views=views,
                       precision=precision, features=features, workers=workers, write_threads=write_threads,
                       progress=progress)
     return out
 
 
-def _write_shards(teacher: nn.Module, dataset, out: Path, todo: list[tuple[int, int]], world: distributed.World, *,
-                  batch_size: int, device: torch.device | str, feature_pool: int, scales: Sequence[float], flip: bool,
-                  window: tuple[int, int] | None, views: dict | None, precision: str, features: bool, workers: int,
-                  write_threads: int, progress: bool) -> None:
+def _write_shards(teacher: nn.Module, dataset, lifecycle: LocalStoreLifecycle, todo: list[tuple[int, int]],
+                  world: parallel.World, *, batch_size: int, device: torch.device | str, feature_pool: int,
+                  scales: Sequence[float], flip: bool, window: tuple[int, int] | None, views: dict | None,
+                  precision: str, features: bool, workers: int, write_threads: int, progress: bool) -> None:
     """Run the teacher on this rank's share of the shards ``todo`` and write them; rank 0 finalises."""
-    partial = out.with_name(out.name + ".partial")
-    group = zarr.open_group(str(partial), mode="r+")
-    n = len(dataset)
+    group = zarr.open_group(str(lifecycle.partial), mode="r+")
+    layout = read_layout(group)
     mine = todo[world.rank :: world.size]  # shards not yet done, dealt out over the ranks
     pending = [i for a, b in mine for i in range(a, b)]
-    image_hw = group["image_hw"][:]
-    fixed_size = bool((image_hw == image_hw[0]).all())
-    step = batch_size if fixed_size else 1
+    step = batch_size if layout.fixed_size else 1
     # Batches never cross a shard, so that an image's batch (and so its numbers) is the same
     # whatever the number of processes.
     batches = [list(range(i, min(i + step, b))) for a, b in mine for i in range(a, b, step)]
@@ -175,57 +171,51 @@ def _write_shards(teacher: nn.Module, dataset, out: Path, todo: list[tuple[int, 
                         pin_memory=torch.device(device).type == "cuda")
     set_cpu_threads(torch.device(device), workers)
     teacher = teacher.to(device).eval()
-    levels = group.attrs["preprocessing"]["levels"]
     projection = read_projection(group)
-    names = [level_array(level) for level in levels] + (list(FEATURE_ARRAYS) if features else [])
-    if views:
-        names += [name for name in VIEW_ARRAYS if features or not name.startswith("view_feature")]
+    specs = [spec for spec in layout.specs() if spec.written_by == "writer"]
     writes = _BoundedWrites(write_threads)
-    shards = _ShardBuffers(group, names, int(group.attrs["shard_images"]), n, writes, partial)
+    shards = _ShardBuffers(group, [spec.name for spec in specs], layout.shard_images, layout.images, writes,
+                           lifecycle.partial)
     desc = "cache-teacher" + (f" (rank 0 of {world.size})" if world.size > 1 else "")
     with tqdm(total=len(pending), desc=desc, unit="img", disable=not progress) as bar, writes:
         for batch in loader:
             images = normalize(batch["image"].to(device, non_blocking=True))
             outputs = {}
-            for level in levels:
+            for level in layout.levels:
                 log_probs, level_features = predict(teacher, resize(images, level), scales=scales, flip=flip,
                                                     window=window, precision=precision)
-                outputs[level_array(level)] = _storable_log_probs(log_probs)
+                outputs[level_array(level)] = quantise_log_probs(log_probs, class_dim=1)
                 if level == 1.0 and features:
                     outputs |= dict(zip(FEATURE_ARRAYS, encode_features(level_features, feature_pool, projection)))
             if views:
                 view_log_probs, *view_features = _teacher_on_views(
                     teacher, batch["views"], feature_pool, batch_size, device, precision, projection)
-                outputs |= {"view_log_probs": _storable_log_probs(view_log_probs), "view_crops": batch["view_crops"],
-                            "view_jitter": batch["view_jitter"]}
+                outputs |= {"view_log_probs": quantise_log_probs(view_log_probs, class_dim=2),
+                            "view_crops": batch["view_crops"], "view_jitter": batch["view_jitter"]}
                 if features:
                     outputs |= dict(zip(["view_" + name for name in FEATURE_ARRAYS], view_features))
             indices = batch["index"].tolist()
             _check_finite(dataset, indices, outputs)
             outputs = {name: t.cpu().numpy() for name, t in outputs.items()}
             for k, index in enumerate(indices):
-                extent = {level_array(level): logit_size(image_hw[index], level) for level in levels}
-                extent["features"] = extent["feature_position_scale"] = feature_size(image_hw[index], feature_pool)
-                shards.put(index, {name: _cut(values[k], extent.get(name)) for name, values in outputs.items()})
+                hw = layout.image_hw[index]
+                shards.put(index, {spec.name: _cut(outputs[spec.name][k], spec.extent and spec.extent(hw))
+                                   for spec in specs})
             bar.update(len(indices))
-    distributed.barrier()  # every rank's shards are on disk
+    parallel.barrier()  # every rank's shards are on disk
     if world.main:
-        finalize(partial, out)
-        log.info("wrote %s", out)
-    distributed.barrier()  # no rank returns before the store is in place
+        lifecycle.finalise()
+        log.info("wrote %s", lifecycle.final)
+    parallel.barrier()  # no rank returns before the store is in place
 
 
-def _open_or_create(teacher: nn.Module, teacher_info: dict[str, Any], dataset, out: Path, feature_pool: int,
-                    scales: Sequence[float], flip: bool, window: tuple[int, int] | None, levels: Sequence[float],
-                    views: dict | None, precision: str, features: bool, shard_images: int, overwrite: bool,
-                    feature_projection: int, projection_images: int, device: torch.device | str,
+def _open_or_create(lifecycle: LocalStoreLifecycle, teacher: nn.Module, teacher_info: dict[str, Any], dataset,
+                    feature_pool: int, scales: Sequence[float], flip: bool, window: tuple[int, int] | None,
+                    levels: Sequence[float], views: dict | None, precision: str, features: bool, shard_images: int,
+                    overwrite: bool, feature_projection: int, projection_images: int, device: torch.device | str,
                     progress: bool) -> list[tuple[int, int]] | None:
-    """Check ``out``, then create ``<out>.partial`` or check that it resumes; returns the shards
-    (start, stop) not yet done, or None when ``out`` is already this very store, complete (a re-run
-    of a finished command)."""
-    partial = out.with_name(out.name + ".partial")
-    recover_swap(out)
-
+    """Create the partial store or resume it; returns the shards (start, stop) not yet done, or
+    None when the store is already this very store, complete (a re-run of a finished command)."""
     provenance = {
         "teacher": teacher_info,
         "dataset": {"name": dataset.name, "split": dataset.split, "fingerprint": dataset.fingerprint,
@@ -242,57 +232,23 @@ def _open_or_create(teacher: nn.Module, teacher_info: dict[str, Any], dataset, o
         "torch_version": torch.__version__,
     }
     provenance = json.loads(json.dumps(provenance))  # compare as it reads back from JSON attributes
-    if out.exists() and not overwrite:
-        attrs = _attributes(out)
-        if attrs.get("complete") and not _differences(attrs, provenance, feature_pool, features):
-            return None
-        raise SkdError(f"{out} already exists (from another teacher, data or setting): pass --overwrite to replace it")
-    if out.exists():
-        _check_replaceable(out)
-    # With --overwrite the old store stays usable until the new one is complete (see finalize).
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if partial.exists() and not overwrite:
-        different = _differences(_attributes(partial), provenance, feature_pool, features)
-        if different and zarr.open_group(str(partial), mode="r")["done"][:].any():
-            raise SkdError(f"{partial} was started with a different {different[0]}: remove it or pass --overwrite")
-        if different:  # nothing of it is done (e.g. the run stopped at a broken file since fixed): start over
-            log.info("%s was started with a different %s and holds nothing yet: starting again", partial, different[0])
-            overwrite = True
-    if partial.exists() and not overwrite:
-        group = zarr.open_group(str(partial), mode="r+")
-    else:
-        if partial.exists():
-            shutil.rmtree(partial)
-        # The empty store is laid out aside and renamed: a run killed while creating it leaves no
-        # .partial without its arrays (only a .creating folder, removed by the next run).
-        creating = partial.with_name(partial.name + ".creating")
-        shutil.rmtree(creating, ignore_errors=True)
+
+    def create(path: Path) -> None:
         image_hw = np.array([dataset.image_size(i) for i in range(len(dataset))], dtype=np.int32)
-        provenance["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         projection = (fit_projection(teacher, dataset, feature_projection, feature_pool=feature_pool,
                                      images=projection_images, device=device, precision=precision, progress=progress)
                       if features and feature_projection else None)
-        create_store(creating, provenance, image_hw, teacher_info["num_classes"], teacher.feature_channels,
-                     feature_pool, levels, features=features, shard_images=shard_images, projection=projection)
-        os.replace(creating, partial)
-        group = zarr.open_group(str(partial), mode="r+")
-    n = len(dataset)
-    shard = int(group.attrs["shard_images"])
+        create_store(path, {**provenance, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, image_hw,
+                     teacher_info["num_classes"], teacher.feature_channels, feature_pool, levels, features=features,
+                     shard_images=shard_images, projection=projection)
+
+    group = lifecycle.begin({**provenance, "feature_pool": feature_pool, "features": features}, create, overwrite)
+    if group is None:
+        return None
     done = group["done"][:]
     if done.any():
-        log.info("resuming %s: %d of %d images already cached", partial, int(done.sum()), n)
-    # Whole shards are the unit of work: a shard is written once, with all its images, then flagged.
-    return [(a, min(a + shard, n)) for a in range(0, n, shard) if not done[a : a + shard].all()]
-
-
-def _storable_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities (dim 1 = classes) as the 8-bit store can hold them: clipped at
-    -LOG_PROB_RANGE, every class but the top one at least one quantisation step below it, so that
-    the stored argmax is the teacher's (exact ties aside)."""
-    step = LOG_PROB_RANGE / 255
-    top = log_probs.amax(dim=1, keepdim=True)
-    below = torch.where(log_probs == top, log_probs, torch.minimum(log_probs, top - step))
-    return below.clamp(min=-LOG_PROB_RANGE)
+        log.info("resuming %s: %d of %d images already cached", lifecycle.partial, int(done.sum()), len(done))
+    return pending_shards(group)
 
 
 def _cut(values: np.ndarray, extent: tuple[int, int] | None) -> np.ndarray:
@@ -368,39 +324,6 @@ class _BoundedWrites:
             self.pool.shutdown(wait=True)
 
 
-def encode_features(features: torch.Tensor, pool: int,
-                    projection: Projection | None = None) -> tuple[torch.Tensor, ...]:
-    """Features (B, F, h, w) max-pooled by ``pool`` and encoded as the store keeps them: values in
-    [0, 1] (B, F, h, w), per-channel scale and offset (B, F) and a scale per position (B, h, w),
-    float16: features = (values x scale + offset) x position scale.
-
-    The pair-wise loss compares cosine similarities of nodes, each normalised to unit length, so a
-    node whose features are all small (the leaky ReLU's negative side) needs its precision relative
-    to itself: each position is divided by its largest |value| first. Per channel then, not per
-    image, so that a few large channels do not set the step of all. (docs/CACHE.md: worst pair-wise
-    error 5.4 % per image, 1.3 % per channel, 0.4 % per position and channel, at 1024x2048.)
-    The position scale is relative to the image's largest value (float16 keeps its range); the
-    rest of the magnitude goes into the channel scale and offset. With a ``projection``, the pooled
-    features' coordinates on its directions are stored instead."""
-    if pool > 1:
-        features = F.max_pool2d(features, pool, pool, ceil_mode=True)
-    if projection is not None:
-        features = project(features, projection)
-    features = features.float()
-    peak = features.abs().amax(dim=1)  # (B, h, w)
-    image_peak = peak.flatten(1).amax(dim=1).clamp(min=1e-30)[:, None, None]
-    # Rounded to float16 before dividing, so that the stored scale is exactly the one used; at
-    # least float16's smallest step, so that no position divides by 0.
-    position = (peak / image_peak).half().clamp(min=2.0 ** -24)
-    scaled = features / (position.float() * image_peak)[:, None]
-    flat = scaled.flatten(2)
-    offset = flat.amin(dim=2)
-    scale = (flat.amax(dim=2) - offset).clamp(min=1e-12)
-    values = ((scaled - offset[..., None, None]) / scale[..., None, None]).clamp(0, 1)
-    top = image_peak.flatten(1)
-    return values, scale * top, offset * top, position
-
-
 def _teacher_on_views(teacher: nn.Module, views: torch.Tensor, feature_pool: int, batch_size: int,
                       device: torch.device | str, precision: str,
                       projection: Projection | None = None) -> tuple[torch.Tensor, ...]:
@@ -428,30 +351,3 @@ def _check_finite(dataset, indices: list[int], outputs: dict[str, torch.Tensor])
             raise SkdError(f"the teacher's {' and '.join(bad)} for image {dataset.ids[index]!r} (#{index}) are not finite "
                            "(NaN or inf): check the teacher checkpoint; completed shards of images before it are kept and "
                            "a re-run resumes")
-
-
-def _check_replaceable(store: Path) -> None:
-    """--overwrite moves the old store aside and deletes it once the new one is in place: refuse at
-    once, not after the teacher's run, when that cannot be done."""
-    for folder in [store.parent, *(p for p in [store, *store.rglob("*")] if p.is_dir())]:
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise SkdError(f"cannot replace {store}: {folder} is read-only; nothing was changed")
-
-
-def _attributes(store: Path) -> dict:
-    try:
-        return dict(zarr.open_group(str(store), mode="r").attrs)
-    except Exception as exc:
-        raise SkdError(f"cannot read {store}: {exc}; remove it or pass --overwrite") from None
-
-
-def _differences(attrs: dict, provenance: dict, feature_pool: int, features: bool) -> list[str]:
-    """What a store's attributes say was done differently from this run (empty: the same run)."""
-    checks = {
-        "teacher": (attrs.get("teacher"), provenance["teacher"]),
-        "dataset": (attrs.get("dataset"), provenance["dataset"]),
-        "preprocessing": (attrs.get("preprocessing"), provenance["preprocessing"]),
-        "feature_pool": (attrs.get("feature_pool"), feature_pool),
-        "features setting": (attrs.get("features"), features),
-    }
-    return [what for what, (old, new) in checks.items() if old != new]
