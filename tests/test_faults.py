@@ -22,7 +22,7 @@ import zarr
 from pipeline.cache.lock import WriterLock
 from pipeline.cache.store import scrub
 from pipeline.config import Config
-from pipeline.train.trainer import public_config
+from pipeline.train.checkpoint import public_config
 
 REPO = Path(__file__).resolve().parents[1]
 

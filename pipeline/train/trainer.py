@@ -4,13 +4,15 @@ Per step (Liu et al.): L = CE + aux·CE_aux + λ_pi·L_pi + λ_pa·L_pa + λ_ho�
 one step of the discriminator on teacher ("real") vs student ("fake") maps. Teacher targets come
 from the cache (replayed to each augmented crop) or, in online mode, from the teacher run live;
 after that the code is the same.
+
+The run's teacher is set up in ``teacher.py``, its folder (checkpoints, resume) kept by
+``checkpoint.RunCheckpoints`` and its records written by ``logger.MetricLogger``; here are the
+student, one step, and the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
 import math
 import signal
@@ -21,13 +23,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import record_function
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from pipeline import parallel
-from pipeline.cache.store import TeacherStore, redact
-from pipeline.cache.views import spec_augment
 from pipeline.config import Config
 from pipeline.data import build_dataset
 from pipeline.data.samples import EpochBatches, TrainingSamples, collate
@@ -35,91 +35,54 @@ from pipeline.data.transforms import IGNORE_INDEX, normalize
 from pipeline.device import resolve_device, set_cpu_threads
 from pipeline.distill.holistic import HolisticTerm
 from pipeline.distill.losses import feature_loss, pairwise_loss, pixelwise_loss, resolve_node_size, task_loss
-from pipeline.distill.targets import CachedTargets, OnlineTargets
 from pipeline.errors import SkdError
-from pipeline.inference import OUTPUT_STRIDE, output_size
 from pipeline.models import build_model
 from pipeline.schedule import Progress, kd_weight, poly_schedule
-from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import RunCheckpoints
+from pipeline.train.logger import MetricLogger
+from pipeline.train.teacher import build_teacher
 
 log = logging.getLogger(__name__)
 
 
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
-        self.cfg = cfg
+        self.cfg, t = cfg, cfg.train
         # Under torchrun: one process per GPU (or CPU worker); rank 0 alone writes logs and checkpoints.
         self.world = parallel.current()
         self.show_progress = progress and self.world.main
-        self.device = resolve_device(cfg.train.device)
+        self.device = resolve_device(t.device)
         if self.device.type == "cuda" and self.world.distributed:
             self.device = torch.device("cuda", torch.cuda.current_device())  # the rank's own GPU
         set_cpu_threads(self.device, cfg.data.workers)
-        self.out = Path(cfg.train.out)
-        if cfg.train.batch_size % self.world.size:
-            raise SkdError(f"batch size {cfg.train.batch_size} does not split over {self.world.size} processes: "
+        self.out = Path(t.out)
+        if t.batch_size % self.world.size:
+            raise SkdError(f"batch size {t.batch_size} does not split over {self.world.size} processes: "
                            f"--batch-size is the global batch; use a multiple of {self.world.size}")
-
         data = cfg.data
         self.dataset = build_dataset(data.dataset, data.root, data.train_split, **data.options)
-        if len(self.dataset) < cfg.train.batch_size:
-            raise SkdError(f"{data.dataset}/{data.train_split} has {len(self.dataset)} images, fewer than the batch size {cfg.train.batch_size}")
-        terms = set(cfg.distill.losses)
-        self.terms = terms
-        self.store = None
-        self.use_views = False
-        self.targets: CachedTargets | OnlineTargets | None = None
-        teacher_channels = None
-        if terms or cfg.distill.pseudo_labels:
-            if cfg.distill.teacher:
-                teacher, arch = model_from_checkpoint(cfg.distill.teacher)
-                if arch["num_classes"] != self.dataset.num_classes:
-                    raise SkdError(f"teacher {cfg.distill.teacher} predicts {arch['num_classes']} classes, "
-                                   f"{data.dataset} has {self.dataset.num_classes}")
-                bf16 = cfg.train.amp and self.device.type == "cuda"
-                self.targets = OnlineTargets(teacher.to(self.device), precision="bf16" if bf16 else "fp32")
-                teacher_channels = teacher.feature_channels
-                log.info("online distillation: %s runs on every batch%s", cfg.distill.teacher,
-                         " (the cache setting is ignored)" if cfg.distill.cache else "")
-            elif cfg.distill.cache:
-                self.store = TeacherStore(cfg.distill.cache)
-                self.store.check_matches(self.dataset)
-                self.use_views = bool(self.store.views) and cfg.distill.views
-                if self.use_views:
-                    self._check_views()
-                if terms & {"pa", "fd"} and not self.store.has_features:
-                    raise SkdError(f"{redact(cfg.distill.cache)} holds no teacher features (cached with --no-features): "
-                                   "pair-wise and feature distillation (pa, fd) need them; re-cache, or train with "
-                                   "--losses pi,ho")
-                if "pa" in terms:
-                    self._check_feature_resolution()
-                # Projected features come back mapped to the teacher's channels.
-                self.targets = CachedTargets(self.store.projection)
-                teacher_channels = (len(self.store.projection.mean) if self.store.projection is not None
-                                    else self.store.feature_channels)
-                log.info("distilling from the cache %s (teacher %s, %s)", redact(cfg.distill.cache),
-                         self.store.attrs["teacher"].get("name"),
-                         f"{self.store.views['count']} stored views per image" if self.use_views
-                         else f"maps at levels {self.store.levels}")
-            else:
-                raise SkdError("distillation needs a teacher: pass --cache STORE or --teacher CHECKPOINT")
+        if len(self.dataset) < t.batch_size:
+            raise SkdError(f"{data.dataset}/{data.train_split} has {len(self.dataset)} images, fewer than the batch size {t.batch_size}")
+        self.terms = set(cfg.distill.losses)
+        teacher = build_teacher(cfg, self.dataset, self.device) if self.terms or cfg.distill.pseudo_labels else None
+        self.targets = teacher.targets if teacher else None
+        self.store, self.use_views = (teacher.store, teacher.use_views) if teacher else (None, False)
 
         # Seeded here, after any teacher was built (its init draws random numbers too), so that the
         # student starts from the same weights with a cache and with an online teacher.
-        torch.manual_seed(cfg.train.seed)
+        torch.manual_seed(t.seed)
         self.student = build_model(cfg.model.name, self.dataset.num_classes, width=cfg.model.width,
                                    pretrained_backbone=cfg.model.pretrained_backbone).to(self.device)
         for module in self.student.modules():
             if isinstance(module, torch.nn.Dropout2d):
                 module.p = cfg.model.dropout
-        t = cfg.train
         sync_bn = t.sync_bn if t.sync_bn is not None else self.world.size > 1
         if sync_bn and self.world.size > 1:  # statistics of the global batch, as one process would have
             self.student = parallel.sync_batchnorm(self.student)
         # Feature distillation: a 1x1 conv from the student's PSP features to the teacher's channels,
         # trained with the student (and kept out of model.pt: deployment needs the student alone).
-        self.adapter = (torch.nn.Conv2d(self.student.feature_channels, teacher_channels, 1).to(self.device)
-                        if "fd" in terms else None)
+        self.adapter = (torch.nn.Conv2d(self.student.feature_channels, teacher.feature_channels, 1).to(self.device)
+                        if "fd" in self.terms else None)
         # What the step calls: the modules themselves, or their DDP wrappers (gradients averaged over
         # ranks); checkpoints always hold the plain modules.
         self.model, self.adapt = self._replicated(self.student), self._replicated(self.adapter)
@@ -132,15 +95,19 @@ class Trainer:
         self.scheduler = poly_schedule(self.optimizer, self.progress, t.poly_power)
         self.amp = t.amp and self.device.type == "cuda"
         self.holistic = (HolisticTerm(self.dataset.num_classes, cfg.distill, self.progress, t.poly_power, self.device,
-                                      autocast_cuda=self.amp) if "ho" in terms else None)
+                                      autocast_cuda=self.amp) if "ho" in self.terms else None)
 
         self.iteration = 0
         self.best_val_miou: float | None = None
         self._val_set = None
+        arch = {"name": cfg.model.name, "num_classes": self.dataset.num_classes, "width": cfg.model.width}
+        parts = {"model": self.student, "optimizer": self.optimizer, "scheduler": self.scheduler}
+        self.checkpoints = RunCheckpoints(self.out, cfg, arch, parts | ({"fd_adapter": self.adapter} if self.adapter else {}),
+                                          {"discriminator": self.holistic} if self.holistic else {})
         if resume:
             self._resume()
-        elif (self.out / "last.pt").exists():
-            raise SkdError(f"{self.out} already holds a training run: pass --resume to continue it or choose another --out")
+        else:
+            self.checkpoints.refuse_existing()
 
     def _replicated(self, module: torch.nn.Module | None) -> torch.nn.Module | None:
         if module is None or not self.world.distributed:
@@ -151,54 +118,23 @@ class Trainer:
                                        find_unused_parameters=unused)
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def arch(self) -> dict:
-        return {"name": self.cfg.model.name, "num_classes": self.dataset.num_classes, "width": self.cfg.model.width}
-
-    def state(self) -> dict:
-        state = {
-            "arch": self.arch(), "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "iteration": self.iteration, "config": public_config(self.cfg),
-            "torch_rng": torch.get_rng_state(), "elapsed_s": self.progress.elapsed_s,
-        }
-        if self.device.type == "cuda":  # the gradient penalty's α and dropout draw on the device
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        if self.holistic is not None:
-            state |= self.holistic.state_dict()
-        if self.adapter is not None:
-            state["fd_adapter"] = self.adapter.state_dict()
-        if self.best_val_miou is not None:
-            state["best_val_miou"] = self.best_val_miou
-        return state
-
     def _resume(self) -> None:
-        path = self.out / "last.pt"
-        if not path.exists():
-            raise SkdError(f"--resume: no checkpoint at {path}")
-        state = load_checkpoint(path)
-        if state.get("arch") != self.arch():
-            raise SkdError(f"--resume: {path} holds {state.get('arch')}, but the run is configured for {self.arch()}")
-        self.student.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.holistic is not None:
-            if "discriminator" not in state:
-                raise SkdError(f"--resume: {path} has no discriminator state but holistic distillation is on")
-            self.holistic.load_state_dict(state)
-        if self.adapter is not None:
-            if "fd_adapter" not in state:
-                raise SkdError(f"--resume: {path} has no feature-distillation adapter but fd is on")
-            self.adapter.load_state_dict(state["fd_adapter"])
-        torch.set_rng_state(state["torch_rng"])
+        state = self.checkpoints.resume()
         if self.device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         self.iteration = int(state["iteration"])
         self.progress.elapsed_s = float(state.get("elapsed_s", 0.0))
         self.best_val_miou = state.get("best_val_miou")
-        log.info("resumed %s at iteration %d", path, self.iteration)
 
     def save(self) -> None:
-        if self.world.main:
-            save_checkpoint(self.out / "last.pt", self.state())
+        if not self.world.main:
+            return
+        extra = {"elapsed_s": self.progress.elapsed_s}
+        if self.device.type == "cuda":  # the gradient penalty's α and dropout draw on the device
+            extra["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        if self.best_val_miou is not None:
+            extra["best_val_miou"] = self.best_val_miou
+        self.checkpoints.save(self.iteration, extra)
 
     # -- data ----------------------------------------------------------------------------------
     def batches(self) -> Iterator[dict]:
@@ -216,38 +152,6 @@ class Trainer:
             generator=torch.Generator().manual_seed(t.seed),
         )
         yield from loader
-
-    def _check_views(self) -> None:
-        """A bank of views fixes the training augmentation: refuse a run that asks for another."""
-        bank, stored, wanted = self.store.views, spec_augment(self.store.views), self.cfg.data.augment()
-        def shown(value):  # as the config and the command line write it
-            return list(value) if isinstance(value, tuple) else value
-
-        differ = [f"{f.name} {shown(getattr(stored, f.name))} (this run: {shown(getattr(wanted, f.name))})"
-                  for f in dataclasses.fields(stored) if getattr(stored, f.name) != getattr(wanted, f.name)]
-        if differ:
-            raise SkdError(
-                f"{redact(self.cfg.distill.cache)} holds {bank['count']} training views per image drawn with "
-                f"{'; '.join(differ)}: train with the store's augmentation, re-cache with this one, or pass "
-                "--no-views to replay the whole-image maps onto fresh augmentations")
-
-    def _check_feature_resolution(self) -> None:
-        """Pair-wise targets come from features stored max-pooled by the store's ``feature_pool``;
-        a node smaller than one stored cell (as the student sees it at the largest training scale)
-        would compare the student against an upsampled blur, worse than no target at all."""
-        data = self.cfg.data
-        crop = data.crop_size or self.dataset.image_size(0)
-        out_hw = output_size(crop)
-        node = resolve_node_size(out_hw, self.cfg.distill.pa_node)
-        # One stored feature cell, in output pixels (views are stored on the student's own grid).
-        cell = self.store.feature_pool * (1.0 if self.use_views else max(data.scale_range))
-        if min(node) < cell:
-            raise SkdError(
-                f"pair-wise nodes of {node[0]}x{node[1]} output pixels (--pa-node {self.cfg.distill.pa_node} on a "
-                f"{out_hw[0]}x{out_hw[1]} output) are finer than the store's features: one stored cell "
-                f"(feature stride {self.store.feature_stride} px, training scales up to {max(data.scale_range):g}) "
-                f"covers {cell:g} output pixels. Use larger nodes, or re-cache with a smaller --feature-pool "
-                f"(1 keeps the teacher's full stride-{OUTPUT_STRIDE} features)")
 
     # -- one step ------------------------------------------------------------------------------
     def step(self, batch: dict, grad_norms: bool = False) -> dict[str, float]:
@@ -347,8 +251,7 @@ class Trainer:
         miou = float(cm.miou())
         if self.best_val_miou is None or miou > self.best_val_miou:
             self.best_val_miou = miou
-            save_checkpoint(self.out / "best.pt", {"arch": self.arch(), "model": self.student.state_dict(),
-                                                   "iteration": self.iteration, "val_miou": miou})
+            self.checkpoints.save_weights("best.pt", self.student, iteration=self.iteration, val_miou=miou)
         return {"val_miou": miou, "best_val_miou": self.best_val_miou}
 
     # -- loop ----------------------------------------------------------------------------------
@@ -359,25 +262,13 @@ class Trainer:
         return self.iteration >= self.cfg.train.iterations
 
     def fit(self) -> Path:
-        t = self.cfg.train
-        main = self.world.main
+        t, main, budget = self.cfg.train, self.world.main, self.progress.budget_s
         if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(public_config(self.cfg), indent=2))
-        # A resumed run continues its log; a new one (in a folder without a checkpoint: a run stopped
-        # before its first, or a failed start) begins a fresh one.
-        log_file = open(self.out / "log.jsonl", "a" if self.iteration else "w") if main else None
-        from tqdm import tqdm
-
-        budget = self.progress.budget_s
-        bar = tqdm(total=None if budget else t.iterations, initial=self.iteration, desc="train", unit="it",
-                   disable=not self.show_progress)
+            self.checkpoints.begin()  # config.json and a fresh log, or the log cut back to the checkpoint
         started, window = time.perf_counter(), []
-        with _stop_requests() as stop, contextlib.ExitStack() as cleanup:
-            cleanup.callback(bar.close)
-            if log_file is not None:
-                cleanup.callback(log_file.close)
-            board = cleanup.enter_context(_tensorboard(self.out / "tensorboard")) if t.tensorboard and main else None
+        logger = MetricLogger(self.out, main=main, iteration=self.iteration, total=None if budget else t.iterations,
+                              tensorboard=t.tensorboard, progress=self.show_progress)
+        with _stop_requests() as stop, logger:
             last = time.perf_counter()
             for batch in self.batches():
                 if self.finished():
@@ -392,56 +283,28 @@ class Trainer:
                 if budget and self.world.size > 1:  # every rank stops at the same step: the slowest one's time
                     self.progress.elapsed_s = parallel.all_max(self.progress.elapsed_s, self.device)
                 last = now
-                bar.update(1)
+                logger.tick()
                 done = self.finished()
                 if t.val_every and (self.iteration % t.val_every == 0 or done):
                     if main:
                         record |= self.validate()
                     parallel.barrier()  # the other ranks wait for rank 0's evaluation
                 if self.iteration % t.log_every == 0 or done or "val_miou" in record:
-                    record |= {"iteration": self.iteration, "lr": self.scheduler.get_last_lr()[0],
-                               "step_s": sum(window) / len(window), "elapsed_s": self.progress.elapsed_s}
+                    logger.write(record | {"iteration": self.iteration, "lr": self.scheduler.get_last_lr()[0],
+                                           "step_s": sum(window) / len(window), "elapsed_s": self.progress.elapsed_s})
                     window = []
-                    if main:
-                        log_file.write(json.dumps(record) + "\n")
-                        log_file.flush()
-                    if board is not None:
-                        for name, value in record.items():
-                            if name != "iteration":
-                                board.add_scalar(name if name.startswith(("val_", "best_")) else f"train/{name}",
-                                                 value, self.iteration)
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
-                                     if k not in ("iteration", "lr", "step_s", "elapsed_s") and not k.startswith("grad_")})
-                    if not self.show_progress and main:
-                        log.info("it %d/%s  %s", self.iteration, "-" if budget else t.iterations,
-                                 "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "iteration"))
                 if self.iteration % t.checkpoint_every == 0 or done or stop:  # stop: Ctrl-C or SIGTERM
                     self.save()
                 if stop and not done:
                     log.warning("stopped by a signal at iteration %d; %s holds it: re-run with --resume to continue",
-                                self.iteration, self.out / "last.pt")
+                                self.iteration, self.checkpoints.last)
                     raise KeyboardInterrupt
         final = self.out / "model.pt"
         if main:
-            save_checkpoint(final, {"arch": self.arch(), "model": self.student.state_dict()})
+            self.checkpoints.save_weights("model.pt", self.student)
         parallel.barrier()  # no rank returns before model.pt exists
         log.info("trained %s in %.0f s -> %s", self.cfg.model.name, time.perf_counter() - started, final)
         return final
-
-
-@contextlib.contextmanager
-def _tensorboard(folder: Path) -> Iterator:
-    """A TensorBoard SummaryWriter (the tensorboard package, pip install 'skd[tensorboard]')."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise SkdError("train.tensorboard (--tensorboard) needs the tensorboard package: "
-                       "pip install 'skd[tensorboard]' (or pip install tensorboard)") from None
-    writer = SummaryWriter(str(folder))
-    try:
-        yield writer
-    finally:
-        writer.close()
 
 
 @contextlib.contextmanager
@@ -458,15 +321,6 @@ def _stop_requests() -> Iterator[list[int]]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def public_config(cfg: Config) -> dict:
-    """The run's settings as written to config.json and checkpoints: a store URL without its
-    credentials (files outlive the run and travel with it)."""
-    settings = cfg.to_dict()
-    if settings["distill"].get("cache"):
-        settings["distill"]["cache"] = redact(settings["distill"]["cache"])
-    return settings
 
 
 def _grad_norm(loss: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:

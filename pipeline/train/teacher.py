@@ -1,0 +1,95 @@
+"""A run's teacher: an online teacher checkpoint or a store of its outputs, checked against the run
+before any step (classes, data, augmentation, feature resolution)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.cache.store import TeacherStore, redact
+from pipeline.cache.views import spec_augment
+from pipeline.config import Config
+from pipeline.distill.losses import resolve_node_size
+from pipeline.distill.targets import CachedTargets, OnlineTargets
+from pipeline.errors import SkdError
+from pipeline.inference import OUTPUT_STRIDE, output_size
+from pipeline.train.checkpoint import model_from_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Teacher:
+    targets: CachedTargets | OnlineTargets
+    feature_channels: int  # what the fd adapter maps the student's features to
+    store: TeacherStore | None = None  # None: online
+    use_views: bool = False  # the samples are the store's bank of views
+
+
+def build_teacher(cfg: Config, dataset, device: torch.device) -> Teacher:
+    """The teacher ``cfg.distill`` names: ``teacher`` (online, run on every batch) or ``cache``."""
+    d = cfg.distill
+    if d.teacher:
+        model, arch = model_from_checkpoint(d.teacher)
+        if arch["num_classes"] != dataset.num_classes:
+            raise SkdError(f"teacher {d.teacher} predicts {arch['num_classes']} classes, "
+                           f"{cfg.data.dataset} has {dataset.num_classes}")
+        bf16 = cfg.train.amp and device.type == "cuda"
+        log.info("online distillation: %s runs on every batch%s", d.teacher, " (the cache setting is ignored)" if d.cache else "")
+        return Teacher(OnlineTargets(model.to(device), precision="bf16" if bf16 else "fp32"), model.feature_channels)
+    if not d.cache:
+        raise SkdError("distillation needs a teacher: pass --cache STORE or --teacher CHECKPOINT")
+    store = TeacherStore(d.cache)
+    store.check_matches(dataset)
+    use_views = bool(store.views) and d.views
+    terms = set(d.losses)
+    if use_views:
+        check_views(store, cfg)
+    if terms & {"pa", "fd"} and not store.has_features:
+        raise SkdError(f"{redact(d.cache)} holds no teacher features (cached with --no-features): pair-wise and "
+                       "feature distillation (pa, fd) need them; re-cache, or train with --losses pi,ho")
+    if "pa" in terms:
+        check_feature_resolution(store, cfg, dataset, use_views)
+    log.info("distilling from the cache %s (teacher %s, %s)", redact(d.cache), store.attrs["teacher"].get("name"),
+             f"{store.views['count']} stored views per image" if use_views else f"maps at levels {store.levels}")
+    # Projected features come back mapped to the teacher's channels.
+    channels = len(store.projection.mean) if store.projection is not None else store.feature_channels
+    return Teacher(CachedTargets(store.projection), channels, store, use_views)
+
+
+def check_views(store: TeacherStore, cfg: Config) -> None:
+    """A bank of views fixes the training augmentation: refuse a run that asks for another."""
+    bank, stored, wanted = store.views, spec_augment(store.views), cfg.data.augment()
+
+    def shown(value):  # as the config and the command line write it
+        return list(value) if isinstance(value, tuple) else value
+
+    differ = [f"{f.name} {shown(getattr(stored, f.name))} (this run: {shown(getattr(wanted, f.name))})"
+              for f in dataclasses.fields(stored) if getattr(stored, f.name) != getattr(wanted, f.name)]
+    if differ:
+        raise SkdError(
+            f"{redact(cfg.distill.cache)} holds {bank['count']} training views per image drawn with "
+            f"{'; '.join(differ)}: train with the store's augmentation, re-cache with this one, or pass "
+            "--no-views to replay the whole-image maps onto fresh augmentations")
+
+
+def check_feature_resolution(store: TeacherStore, cfg: Config, dataset, use_views: bool) -> None:
+    """Pair-wise targets come from features stored max-pooled by the store's ``feature_pool``;
+    a node smaller than one stored cell (as the student sees it at the largest training scale)
+    would compare the student against an upsampled blur, worse than no target at all."""
+    data = cfg.data
+    crop = data.crop_size or dataset.image_size(0)
+    out_hw = output_size(crop)
+    node = resolve_node_size(out_hw, cfg.distill.pa_node)
+    # One stored feature cell, in output pixels (views are stored on the student's own grid).
+    cell = store.feature_pool * (1.0 if use_views else max(data.scale_range))
+    if min(node) < cell:
+        raise SkdError(
+            f"pair-wise nodes of {node[0]}x{node[1]} output pixels (--pa-node {cfg.distill.pa_node} on a "
+            f"{out_hw[0]}x{out_hw[1]} output) are finer than the store's features: one stored cell "
+            f"(feature stride {store.feature_stride} px, training scales up to {max(data.scale_range):g}) "
+            f"covers {cell:g} output pixels. Use larger nodes, or re-cache with a smaller --feature-pool "
+            f"(1 keeps the teacher's full stride-{OUTPUT_STRIDE} features)")
