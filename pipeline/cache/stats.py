@@ -40,7 +40,7 @@ def store_stats(store: TeacherStore, entropy_bins: int = 20) -> dict[str, Any]:
                         "bytes_on_disk": on_disk, "ratio": on_disk / raw if on_disk and raw else None}
 
     level = specs[store.level_arrays[1.0]]
-    log_probs = da.from_zarr(store.array(level.name))
+    log_probs = _blocks(store, level.name)
     valid = da.from_array(extent_mask(store, level), chunks=(log_probs.chunks[0], *log_probs.chunks[2:]))
     num_classes = log_probs.shape[1]
     # Canvas cells outside an image hold NaN: they take no part in any statistic.
@@ -66,9 +66,15 @@ def store_stats(store: TeacherStore, entropy_bins: int = 20) -> dict[str, Any]:
     }
 
 
+def _blocks(store: TeacherStore, name: str) -> da.Array:
+    """An array as dask blocks of one shard of images each: one task per shard file, not per chunk."""
+    array = store.array(name)
+    return da.from_zarr(array, chunks=(store.layout.shard_images, *array.shape[1:]))
+
+
 def _nonfinite(store: TeacherStore, spec: ArraySpec) -> da.Array:
     """Count of values that are not finite within the images' extents (all of an entry without one)."""
-    values = da.from_zarr(store.array(spec.name))
+    values = _blocks(store, spec.name)
     bad = ~da.isfinite(values)
     if spec.extent is not None:
         mask = extent_mask(store, spec)
