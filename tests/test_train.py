@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from conftest import TINY_DATA
+from pipeline.cache.views import view_spec
 from pipeline.cache.writer import cache_teacher
 from pipeline.config import Config, load_config, merge
 from pipeline.data import build_dataset
@@ -23,6 +24,7 @@ from pipeline.errors import SkdError
 from pipeline.models import build_model
 from pipeline.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from pipeline.data.samples import EpochBatches
+from pipeline.data.transforms import AugmentConfig
 from pipeline.schedule import kd_weight, poly_schedule
 from pipeline.train.trainer import Trainer, train
 
@@ -35,17 +37,24 @@ def tiny_dataset(seed: int = 0):
     return build_dataset("synthetic", None, "train", **TINY_DATA["options"], seed=seed)
 
 
-def write_cache(tmp: Path, name: str, dataset) -> Path:
+def write_cache(tmp: Path, name: str, dataset, feature_pool: int = 2, **options) -> Path:
     torch.manual_seed(0)
     teacher = build_model(**TEACHER_ARCH)
-    return cache_teacher(teacher, dict(TEACHER_ARCH), dataset, tmp / name, batch_size=4, feature_pool=2,
-                         workers=0, progress=False)
+    return cache_teacher(teacher, dict(TEACHER_ARCH), dataset, tmp / name, batch_size=4, feature_pool=feature_pool,
+                         workers=0, progress=False, **options)
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
-    """A teacher cache of the tiny synthetic train split (the data of ``tiny_config``)."""
+    """A teacher cache of the tiny synthetic train split (the data of ``tiny_config``), its
+    features max-pooled by 2."""
     return write_cache(tmp_path_factory.mktemp("cache"), "train.zarr", tiny_dataset())
+
+
+@pytest.fixture(scope="module")
+def dense_store(tmp_path_factory) -> Path:
+    """The same with the teacher's features at full resolution (feature_pool 1), as fd needs them."""
+    return write_cache(tmp_path_factory.mktemp("cache"), "dense.zarr", tiny_dataset(), feature_pool=1)
 
 
 def make_config(tiny_config: Path, out: Path, losses=(), cache: Path | None = None, **sections) -> Config:
@@ -83,9 +92,9 @@ def interrupted_run(cfg: Config, stop_after: int, monkeypatch) -> None:
 # -- ablations ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("losses", [(), ("pi",), ("pi", "pa"), ("pi", "pa", "ho"), ("fd",)], ids=lambda t: "+".join(t) or "none")
-def test_every_ablation_trains_with_finite_logged_terms(tiny_config, store, tmp_path, losses):
+def test_every_ablation_trains_with_finite_logged_terms(tiny_config, store, dense_store, tmp_path, losses):
     out = tmp_path / "run"
-    cfg = make_config(tiny_config, out, losses, cache=store if losses else None)
+    cfg = make_config(tiny_config, out, losses, cache=(dense_store if "fd" in losses else store) if losses else None)
     model_path = train(cfg, progress=False)
 
     terms = {"task", *losses}
@@ -297,6 +306,19 @@ def test_resume_with_another_architecture_is_refused(tiny_config, tmp_path):
     train(make_config(tiny_config, out, train={"iterations": 1}), progress=False)
     with pytest.raises(SkdError, match="last.pt"):
         Trainer(make_config(tiny_config, out, model={"width": 0.25}), resume=True, progress=False)
+
+
+def test_feature_distillation_from_pooled_features_is_refused(tiny_config, store, dense_store, tmp_path):
+    """fd regresses each output pixel on the teacher's feature at that pixel: features stored
+    max-pooled (feature_pool 2) and upsampled are not that, with views or without (an online
+    teacher gives the dense ones). Pair-wise nodes of 2x2 pixels may use them."""
+    views = write_cache(tmp_path, "views.zarr", tiny_dataset(), views=view_spec(AugmentConfig((32, 32)), 2))
+    for cache, data in ((store, {}), (views, {"crop_size": [32, 32]})):
+        with pytest.raises(SkdError, match=r"max-pooled by 2.*--feature-pool 1.*--feature-projection"):
+            Trainer(make_config(tiny_config, tmp_path / "run", ("pi", "fd"), cache, data=data), progress=False)
+    assert Trainer(make_config(tiny_config, tmp_path / "run", ("pi", "pa"), store), progress=False).store.feature_pool == 2
+    assert Trainer(make_config(tiny_config, tmp_path / "run", ("fd",), dense_store), progress=False).adapter is not None
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_store_of_other_data_is_refused(tiny_config, tmp_path):

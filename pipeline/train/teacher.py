@@ -53,6 +53,8 @@ def build_teacher(cfg: Config, dataset, device: torch.device) -> Teacher:
                        "feature distillation (pa, fd) need them; re-cache, or train with --losses pi,ho")
     if "pa" in terms:
         check_feature_resolution(store, cfg, dataset, use_views)
+    if "fd" in terms:
+        check_dense_features(store, cfg)
     log.info("distilling from the cache %s (teacher %s, %s)", redact(d.cache), store.attrs["teacher"].get("name"),
              f"{store.views['count']} stored views per image" if use_views else f"maps at levels {store.levels}")
     # Projected features come back mapped to the teacher's channels.
@@ -74,6 +76,19 @@ def check_views(store: TeacherStore, cfg: Config) -> None:
             f"{redact(cfg.distill.cache)} holds {bank['count']} training views per image drawn with "
             f"{'; '.join(differ)}: train with the store's augmentation, re-cache with this one, or pass "
             "--no-views to replay the whole-image maps onto fresh augmentations")
+
+
+def check_dense_features(store: TeacherStore, cfg: Config) -> None:
+    """Feature distillation regresses each output pixel on the teacher's feature at that pixel.
+    Features stored max-pooled and upsampled by replay are a blur of their neighbourhood's maxima,
+    not that feature (an online teacher gives the dense one), so fd needs a store at feature_pool 1.
+    The same holds for a bank of views, stored pooled on the student's grid."""
+    if store.feature_pool > 1:
+        raise SkdError(
+            f"{redact(cfg.distill.cache)} holds teacher features max-pooled by {store.feature_pool} (feature_pool "
+            f"{store.feature_pool}): feature distillation (fd) regresses every output pixel on the teacher's own "
+            "feature there, which pooled features upsampled are not. Re-cache with --feature-pool 1 (add "
+            "--feature-projection K for compact dense features), use --teacher for an online teacher, or train without fd")
 
 
 def check_feature_resolution(store: TeacherStore, cfg: Config, dataset, use_views: bool) -> None:
