@@ -108,10 +108,10 @@ def predict(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities and PSP features of a normalised batch (B, 3, H, W).
 
-    With several ``scales`` and/or ``flip`` the class probabilities are averaged over all views
-    (test-time augmentation). Features come from the scale closest to 1, averaged over its views,
-    so that a flipped replay stays exact. ``window`` (H, W pixels, rounded down to the output
-    stride) runs every view as overlapping sliding windows (``window_stride``, default two thirds
+    With several ``scales`` and/or ``flip`` the class probabilities are averaged over all test-time
+    passes. Features come from the scale closest to 1, averaged over its passes, so that a flipped
+    replay stays exact. ``window`` (H, W pixels, rounded down to the output stride) runs every pass
+    as overlapping sliding windows (``window_stride``, default two thirds
     of the window) instead of whole. ``precision`` "bf16" runs the model under bfloat16 autocast
     (on the images' device); outputs are float32 either way. Both outputs are on the stride-8 grid
     of the input (or ``out_hw``).
@@ -124,7 +124,7 @@ def predict(
         window = tuple(max(OUTPUT_STRIDE, w // OUTPUT_STRIDE * OUTPUT_STRIDE) for w in window)
     feature_scale = min(scales, key=lambda s: abs(s - 1.0))
     probs = features = torch.zeros(())
-    views = feature_views = 0
+    tta_passes = feature_passes = 0
     for scale in scales:
         x = resize(images, scale)
         for flipped in (False, True) if flip else (False,):
@@ -135,11 +135,11 @@ def predict(
             if tuple(logits.shape[-2:]) != out_hw:
                 logits = F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
             probs = probs + logits.softmax(dim=1)
-            views += 1
+            tta_passes += 1
             if scale == feature_scale:
                 if tuple(feats.shape[-2:]) != out_hw:
                     feats = F.interpolate(feats, size=out_hw, mode="bilinear", align_corners=False)
                 features = features + feats
-                feature_views += 1
-    log_probs = (probs / views).log().clamp(min=LOG_PROB_FLOOR)
-    return log_probs, features / feature_views
+                feature_passes += 1
+    log_probs = (probs / tta_passes).log().clamp(min=LOG_PROB_FLOOR)
+    return log_probs, features / feature_passes

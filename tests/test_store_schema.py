@@ -169,7 +169,7 @@ def test_verify_finds_a_missing_view_shard_and_missing_view_crops(tmp_path, ade,
     from pipeline.data.transforms import AugmentConfig
 
     views = view_spec(AugmentConfig((32, 32), (0.75, 1.25), True, 0.1), 2)
-    path = complete_store(tmp_path, tiny_ade_teacher, ade, feature_pool=2, views=views, shard_images=2)
+    path = complete_store(tmp_path, tiny_ade_teacher, ade, feature_pool=2, view_bank=views, shard_images=2)
     assert verify_store(TeacherStore(path), progress=False) == []
     spare = tmp_path / "spare.zarr"
     shutil.copytree(path, spare)
@@ -206,7 +206,7 @@ def test_draws_recorded_in_a_store_are_the_banks_seeded_draws(tmp_path, ade, tin
     from pipeline.data.transforms import AugmentConfig
 
     views = view_spec(AugmentConfig((32, 32), (0.75, 1.25), True, 0.1), 2, seed=3)
-    store = TeacherStore(complete_store(tmp_path, tiny_ade_teacher, ade, feature_pool=2, views=views))
+    store = TeacherStore(complete_store(tmp_path, tiny_ade_teacher, ade, feature_pool=2, view_bank=views))
     for index, hw in enumerate(store.image_hw):
         crops, jitter = draw_views(views, index, tuple(int(v) for v in hw))
         np.testing.assert_array_equal(store.view_crops[index], crops)

@@ -29,9 +29,10 @@ from pipeline.inference import OUTPUT_STRIDE, output_size, scaled_size
 # Spatial tile (in map cells) of stores whose images differ in size.
 TILE = 64
 # Images per shard file, at most; fewer when one shard's maps would not fit SHARD_BUFFER_BYTES (the
-# writer gathers a shard in memory, as float32, before writing it whole).
+# writer gathers a shard in memory, as float32, before writing it whole, with up to 2 x write
+# threads shards in flight).
 SHARD_IMAGES = 16
-SHARD_BUFFER_BYTES = 1 << 30
+SHARD_BUFFER_BYTES = 256 << 20
 
 Extent = Callable[[Sequence[int]], tuple[int, int]]
 

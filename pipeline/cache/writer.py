@@ -38,21 +38,21 @@ log = logging.getLogger(__name__)
 
 def _collate(items: list[dict]) -> dict:
     batch = {"image": torch.stack([it["image"] for it in items]), "index": torch.tensor([it["index"] for it in items])}
-    if "views" in items[0]:
-        for key in ("views", "view_crops", "view_jitter"):
+    if "view_images" in items[0]:
+        for key in ("view_images", "view_crops", "view_jitter"):
             batch[key] = torch.stack([it[key] for it in items])
     return batch
 
 
 class _Indexed(torch.utils.data.Dataset):
-    """Yields the image and its position, and with a view bank ``views`` the image's K augmented
+    """Yields the image and its position, and with a ``view_bank`` (its spec) the image's K augmented
     views (uint8, as training will crop them) with their parameters. The label is still read (by
     ``dataset[i]``) so that a broken or mis-sized label stops caching at that file rather than a
     later training run."""
 
-    def __init__(self, dataset, views: dict | None = None):
+    def __init__(self, dataset, view_bank: dict | None = None):
         self.dataset = dataset
-        self.views = views
+        self.view_bank = view_bank
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -60,10 +60,10 @@ class _Indexed(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         item = self.dataset[i]
         out = {"image": item["image"], "index": i}
-        if self.views:
-            crops, jitter = draw_views(self.views, i, tuple(item["image"].shape[-2:]))
-            crop_size = tuple(self.views["crop_size"])
-            out["views"] = torch.stack([
+        if self.view_bank:
+            crops, jitter = draw_views(self.view_bank, i, tuple(item["image"].shape[-2:]))
+            crop_size = tuple(self.view_bank["crop_size"])
+            out["view_images"] = torch.stack([
                 apply_jitter(apply_params(item["image"], item["label"], crop_params(row), crop_size)[0], factors)
                 for row, factors in zip(crops, jitter.tolist())])
             out["view_crops"], out["view_jitter"] = torch.from_numpy(crops), torch.from_numpy(jitter)
@@ -83,7 +83,7 @@ def cache_teacher(
     flip: bool = False,
     window: tuple[int, int] | None = None,
     levels: Sequence[float] = (1.0,),
-    views: dict | None = None,
+    view_bank: dict | None = None,
     precision: str = "fp32",
     features: bool = True,
     feature_projection: int = 0,
@@ -99,7 +99,7 @@ def cache_teacher(
     ``scales``/``flip``: test-time augmentation averaged into each stored map. ``window``: run the
     teacher as sliding windows of this size (e.g. its training crop) rather than on whole images.
     ``levels``: also store the map of the image resized by each of these scales (see
-    ``create_store``), for training crops taken at those scales. ``views``: also store a bank of
+    ``create_store``), for training crops taken at those scales. ``view_bank``: also store a bank of
     augmented training views with the teacher's maps on each (``pipeline.cache.views.view_spec``);
     the teacher runs on each view as it is, with no test-time augmentation, as an online teacher would.
     ``precision``: "fp32", or "bf16" to run the teacher under bfloat16 autocast (recorded in the
@@ -131,7 +131,7 @@ def cache_teacher(
             try:
                 held.enter_context(lifecycle.lock())
                 todo = _open_or_create(lifecycle, teacher, teacher_info, dataset, feature_pool, scales, flip, window,
-                                       levels, views, precision, features, shard_images, overwrite,
+                                       levels, view_bank, precision, features, shard_images, overwrite,
                                        feature_projection, projection_images, device, progress)
             except OSError as exc:  # a read-only folder, a full disk, a path that is a file
                 setup_error = SkdError(f"cannot write the store {out}: {exc.strerror or exc}"
@@ -148,7 +148,7 @@ def cache_teacher(
             log.info("%s is already complete, from the same teacher, data and settings: nothing to do", out)
             return out
         _write_shards(teacher, dataset, lifecycle, todo, world, batch_size=batch_size, device=device,
-                      feature_pool=feature_pool, scales=scales, flip=flip, window=window, views=views,
+                      feature_pool=feature_pool, scales=scales, flip=flip, window=window, view_bank=view_bank,
                       precision=precision, features=features, workers=workers, write_threads=write_threads,
                       progress=progress)
     return out
@@ -156,7 +156,7 @@ def cache_teacher(
 
 def _write_shards(teacher: nn.Module, dataset, lifecycle: LocalStoreLifecycle, todo: list[tuple[int, int]],
                   world: parallel.World, *, batch_size: int, device: torch.device | str, feature_pool: int,
-                  scales: Sequence[float], flip: bool, window: tuple[int, int] | None, views: dict | None,
+                  scales: Sequence[float], flip: bool, window: tuple[int, int] | None, view_bank: dict | None,
                   precision: str, features: bool, workers: int, write_threads: int, progress: bool) -> None:
     """Run the teacher on this rank's share of the shards ``todo`` and write them; rank 0 finalises."""
     group = zarr.open_group(str(lifecycle.partial), mode="r+")
@@ -167,7 +167,7 @@ def _write_shards(teacher: nn.Module, dataset, lifecycle: LocalStoreLifecycle, t
     # Batches never cross a shard, so that an image's batch (and so its numbers) is the same
     # whatever the number of processes.
     batches = [list(range(i, min(i + step, b))) for a, b in mine for i in range(a, b, step)]
-    loader = DataLoader(_Indexed(dataset, views), batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+    loader = DataLoader(_Indexed(dataset, view_bank), batch_sampler=batches, num_workers=workers, collate_fn=_collate,
                         pin_memory=torch.device(device).type == "cuda")
     set_cpu_threads(torch.device(device), workers)
     teacher = teacher.to(device).eval()
@@ -187,9 +187,9 @@ def _write_shards(teacher: nn.Module, dataset, lifecycle: LocalStoreLifecycle, t
                 outputs[level_array(level)] = quantise_log_probs(log_probs, class_dim=1)
                 if level == 1.0 and features:
                     outputs |= dict(zip(FEATURE_ARRAYS, encode_features(level_features, feature_pool, projection)))
-            if views:
+            if view_bank:
                 view_log_probs, *view_features = _teacher_on_views(
-                    teacher, batch["views"], feature_pool, batch_size, device, precision, projection)
+                    teacher, batch["view_images"], feature_pool, batch_size, device, precision, projection)
                 outputs |= {"view_log_probs": quantise_log_probs(view_log_probs, class_dim=2),
                             "view_crops": batch["view_crops"], "view_jitter": batch["view_jitter"]}
                 if features:
@@ -211,7 +211,7 @@ def _write_shards(teacher: nn.Module, dataset, lifecycle: LocalStoreLifecycle, t
 
 def _open_or_create(lifecycle: LocalStoreLifecycle, teacher: nn.Module, teacher_info: dict[str, Any], dataset,
                     feature_pool: int, scales: Sequence[float], flip: bool, window: tuple[int, int] | None,
-                    levels: Sequence[float], views: dict | None, precision: str, features: bool, shard_images: int,
+                    levels: Sequence[float], view_bank: dict | None, precision: str, features: bool, shard_images: int,
                     overwrite: bool, feature_projection: int, projection_images: int, device: torch.device | str,
                     progress: bool) -> list[tuple[int, int]] | None:
     """Create the partial store or resume it; returns the shards (start, stop) not yet done, or
@@ -224,7 +224,7 @@ def _open_or_create(lifecycle: LocalStoreLifecycle, teacher: nn.Module, teacher_
                           "teacher_scales": [float(s) for s in scales], "teacher_flip": bool(flip),
                           "teacher_window": list(window) if window else None, "teacher_precision": precision,
                           "levels": sorted({1.0, *(float(s) for s in levels)}),
-                          **({"views": views} if views else {}),
+                          **({"views": view_bank} if view_bank else {}),
                           **({"feature_projection": {"channels": feature_projection, "fit_images":
                                                      min(projection_images, len(dataset))}}
                              if features and feature_projection else {})},
@@ -324,14 +324,14 @@ class _BoundedWrites:
             self.pool.shutdown(wait=True)
 
 
-def _teacher_on_views(teacher: nn.Module, views: torch.Tensor, feature_pool: int, batch_size: int,
+def _teacher_on_views(teacher: nn.Module, view_images: torch.Tensor, feature_pool: int, batch_size: int,
                       device: torch.device | str, precision: str,
                       projection: Projection | None = None) -> tuple[torch.Tensor, ...]:
     """The teacher on a batch of images' views (B, K, 3, h, w) uint8: log-probabilities (B, K, C, ho, wo),
     pooled encoded features (B, K, F, hf, wf), their scales and offsets (B, K, F) and position scales
     (B, K, hf, wf)."""
-    b, k = views.shape[:2]
-    flat = views.flatten(0, 1)
+    b, k = view_images.shape[:2]
+    flat = view_images.flatten(0, 1)
     chunks = []
     for i in range(0, len(flat), batch_size):  # pooled chunk by chunk: full-resolution features never pile up
         log_probs, features = predict(teacher, normalize(flat[i : i + batch_size].to(device, non_blocking=True)),
