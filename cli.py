@@ -324,7 +324,7 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
         path = cache_teacher(model, info, ds, out, batch_size=c.batch_size, device=resolve_device(cfg.train.device),
                              feature_pool=c.feature_pool, scales=c.teacher_scales, flip=c.teacher_flip,
                              window=tuple(c.teacher_window) if c.teacher_window else None, levels=c.levels,
-                             views=view_spec(cfg.data.augment(), c.views) if c.views else None, precision=c.precision,
+                             view_bank=view_spec(cfg.data.augment(), c.views) if c.views else None, precision=c.precision,
                              features=c.features, feature_projection=c.feature_projection,
                              projection_images=c.projection_images, workers=cfg.data.workers, overwrite=overwrite,
                              progress=ctx.obj["progress"])
@@ -568,7 +568,8 @@ def cache_stats(ctx: click.Context, store: str, labels: str | None, data_root: s
 def cache_pack(store: str, out: str) -> None:
     """Pack a complete store directory into one .zip that skd (and zarr) read in place: a single
     file to hand to a teammate or upload."""
-    from pipeline.cache.store import TeacherStore, pack_store
+    from pipeline.cache.lifecycle import pack_store
+    from pipeline.cache.store import TeacherStore
 
     if not out.endswith(".zip"):
         raise SkdError(f"{out}: the packed store's name must end in .zip")
