@@ -199,6 +199,23 @@ def test_a_student_that_cannot_compile_stops_with_a_clear_error(tiny_config, tmp
     assert not (out / "last.pt").exists() and not (out / "model.pt").exists()
 
 
+def test_the_logged_gradient_penalty_is_the_last_one_computed(tiny_config, store, tmp_path):
+    """With the penalty on every second step (gp_every 2: iterations 1, 3, ...) and a record every
+    second step (iterations 2, 4, ...), the record shows the penalty of the step before, as a run
+    that logs every step shows it at that step, not the 0 of a step without one."""
+    logs = {}
+    for every in (1, 2):
+        out = tmp_path / f"every{every}"
+        train(make_config(tiny_config, out, ("pi", "ho"), store, distill={"gp_every": 2},
+                          train={"iterations": 2, "log_every": every}), progress=False)
+        logs[every] = read_log(out)
+    penalty = logs[1][0]["d_gp"]  # iteration 1: a step with the penalty
+    assert penalty > 0
+    assert [r["iteration"] for r in logs[2]] == [2]
+    assert logs[2][0]["d_gp"] == pytest.approx(penalty, rel=1e-6)
+    assert logs[1][1]["d_gp"] == pytest.approx(penalty, rel=1e-6)  # iteration 2 computes none
+
+
 def test_validation_logs_the_val_miou_and_keeps_the_best_model(tiny_config, tmp_path):
     from pipeline.evaluate import evaluate_model
 
@@ -312,7 +329,7 @@ def test_feature_distillation_from_pooled_features_is_refused(tiny_config, store
     """fd regresses each output pixel on the teacher's feature at that pixel: features stored
     max-pooled (feature_pool 2) and upsampled are not that, with views or without (an online
     teacher gives the dense ones). Pair-wise nodes of 2x2 pixels may use them."""
-    views = write_cache(tmp_path, "views.zarr", tiny_dataset(), views=view_spec(AugmentConfig((32, 32)), 2))
+    views = write_cache(tmp_path, "views.zarr", tiny_dataset(), view_bank=view_spec(AugmentConfig((32, 32)), 2))
     for cache, data in ((store, {}), (views, {"crop_size": [32, 32]})):
         with pytest.raises(SkdError, match=r"max-pooled by 2.*--feature-pool 1.*--feature-projection"):
             Trainer(make_config(tiny_config, tmp_path / "run", ("pi", "fd"), cache, data=data), progress=False)

@@ -89,6 +89,9 @@ class HolisticTerm:
         else:
             raise ValueError(f"unknown d_optimizer {cfg.d_optimizer!r}; expected 'sgd' or 'adam'")
         self.scheduler = poly_schedule(self.optimizer, iterations, poly_power)
+        # The most recent penalty computed: what "d_gp" reports on every step, so that a record
+        # every log_every steps shows one whatever gp_every is.
+        self.last_gp = torch.zeros((), device=device)
         use_amp = autocast_cuda and torch.device(device).type == "cuda"
         self._amp: Callable[[], AbstractContextManager] = (
             (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
@@ -135,7 +138,8 @@ class HolisticTerm:
         puts on the student the gradient of its term ``weight·λ_ho·L_G`` and on D's parameters the
         gradient of D's loss (``λ_ho·L_D`` plus the penalty), both at D's current weights, as a
         generator step followed by a discriminator step on the same maps would. ``update()`` then
-        steps D. ``logged`` holds the values, detached: "ho" (the student's term), "d_adv", "d_gp".
+        steps D. ``logged`` holds the values, detached: "ho" (the student's term), "d_adv", "d_gp"
+        (the most recent penalty computed: this step's, or, with ``gp_every`` > 1, an earlier one's).
 
         With the paper's WGAN loss and a D that scores each sample alone, L_G = −mean D(fake) is
         −1 × the fake half of L_D, so one D forward over [real; fake] serves both: the fake maps pass
@@ -160,9 +164,11 @@ class HolisticTerm:
             backprop = g + d_adv
         logged["d_adv"] = d_adv.detach()
         if self.kind == "wgan":
-            d_gp = self._penalty(real, fake.detach(), condition)
-            logged["d_gp"] = d_gp.detach()  # zero on steps without it: the same keys every step (one sync, logs)
-            backprop = backprop + d_gp
+            if self.scheduler.last_epoch % self.gp_every == 0:
+                d_gp = self._penalty(real, fake.detach(), condition)
+                self.last_gp = d_gp.detach()
+                backprop = backprop + d_gp
+            logged["d_gp"] = self.last_gp  # the same keys every step (one sync, logs)
         return backprop, logged
 
     def generator_loss(self, student_logits: Tensor, teacher_log_probs: Tensor, images: Tensor, valid: Tensor) -> Tensor:
@@ -181,13 +187,11 @@ class HolisticTerm:
         return self.lambda_ho * generator_loss(d_fake, self.kind)
 
     def _penalty(self, real: Tensor, fake: Tensor, condition: Tensor | None) -> Tensor:
-        """λ_ho·λ_gp·gp_every × the WGAN-GP penalty on every gp_every-th D step, else 0.
+        """λ_ho·λ_gp·gp_every × the WGAN-GP penalty, on every gp_every-th D step.
 
         Lazy regularisation (StyleGAN2): weighted by gp_every so that its mean pull stays the same.
         The count is the scheduler's, which checkpoints keep, so a resumed run penalises the same steps.
         """
-        if self.scheduler.last_epoch % self.gp_every != 0:
-            return torch.zeros((), device=real.device)
         # The critic is scored on interpolated maps with the image held fixed; the gradient (and so
         # the penalty) is taken w.r.t. the maps only. α for the global batch, this rank's slice of
         # it: the same draws as one process.
@@ -206,14 +210,17 @@ class HolisticTerm:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The keys the trainer has always written, so older checkpoints resume."""
+        """The keys the trainer has always written, so older checkpoints resume, and the last penalty."""
         return {
             "discriminator": self.discriminator.state_dict(),
             "d_optimizer": self.optimizer.state_dict(),
             "d_scheduler": self.scheduler.state_dict(),
+            "d_last_gp": self.last_gp.cpu(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.discriminator.load_state_dict(state["discriminator"])
         self.optimizer.load_state_dict(state["d_optimizer"])
         self.scheduler.load_state_dict(state["d_scheduler"])
+        # Checkpoints from before it: 0 until the next penalty.
+        self.last_gp = state.get("d_last_gp", torch.zeros(())).to(self.last_gp.device)
