@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from conftest import TINY_DATA
-from pipeline.cache.views import view_spec
+from pipeline.cache.views import view_for_epoch, view_spec
 from pipeline.cache.writer import cache_teacher
 from pipeline.config import Config, load_config, merge
 from pipeline.data import build_dataset
@@ -380,9 +380,29 @@ def test_epoch_batches_run_on_across_epochs_and_restart_anywhere():
     for start in (1, 4, 6):  # a resumed run continues exactly, across epoch boundaries too
         assert first(12 - start, start) == full[start:]
     assert first(12) == full  # deterministic
-    # 10 images in batches of 3: three whole batches per epoch, the remainder is dropped.
-    ragged = first(3, n=10, batch=3, seed=0)
-    assert len({i for b in ragged for _, i in b}) == 9 and first(4, n=10, batch=3, seed=0)[3][0][0] == 1
+
+
+def test_epoch_batches_show_every_image_once_per_epoch_when_the_batch_does_not_divide_them():
+    """10 images in batches of 4: an epoch's last batch is completed from the next epoch, so that
+    over K epochs' worth of batches every image is seen K times, once in each epoch, and with a
+    bank of K views every view of it once (the view of an (epoch, image) pair is view_for_epoch's)."""
+    n, batch, k, seed = 10, 4, 6, 3
+    batches = list(itertools.islice(EpochBatches(n, batch, seed), k * n // batch))
+    assert all(len(b) == batch for b in batches)
+    stream = [pair for b in batches for pair in b]
+    for image in range(n):
+        epochs = [e for e, i in stream if i == image]
+        assert epochs == list(range(k)), image  # once per epoch, in order
+        assert sorted(view_for_epoch(k, seed, image, e) for e in epochs) == list(range(k)), image
+    assert [e for e, _ in stream] == sorted(e for e, _ in stream)  # epochs follow one another
+    assert {e for e, _ in batches[2]} == {0, 1}  # epoch 0's last two images, epoch 1's first two
+    for start in (1, 2, 3, 7):  # a resumed run continues exactly, mid-epoch batches too
+        assert list(itertools.islice(EpochBatches(n, batch, seed, start), len(batches) - start)) == batches[start:]
+    # Two ranks take halves of the same global batches.
+    for b, (r0, r1) in enumerate(zip(*(EpochBatches(n, batch, seed, rank=r, world_size=2) for r in (0, 1)))):
+        if b == len(batches):
+            break
+        assert r0 + r1 == batches[b]
 
 
 # -- checkpoints -------------------------------------------------------------------------------------

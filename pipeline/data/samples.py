@@ -136,6 +136,11 @@ class EpochBatches(torch.utils.data.Sampler):
     starting ``start`` batches in (so a resumed run sees the same data as an uninterrupted one).
     The epoch travels with each index, so one loader (and its workers) serves the whole run.
 
+    The epochs follow one another as one stream, batch b its samples b·B to (b+1)·B: when B does
+    not divide ``n``, an epoch's last batch is completed from the next epoch (instead of dropping
+    the remainder), so every sample is seen once per epoch, and every stored view of it once per
+    as many epochs as there are views.
+
     With several processes, ``batch_size`` is the global batch and each rank takes its slice of it:
     together they see what one process would, at any world size.
     """
@@ -144,13 +149,19 @@ class EpochBatches(torch.utils.data.Sampler):
         self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
         self.rank, self.world_size = rank, world_size
 
+    def _order(self, epoch: int) -> list[int]:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch)).tolist()
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        per_epoch = self.n // self.batch_size
-        epoch, first = divmod(self.start, per_epoch)
+        epoch, offset = divmod(self.start * self.batch_size, self.n)
+        order, share = self._order(epoch), self.batch_size // self.world_size
         while True:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch)).tolist()
-            for b in range(first, per_epoch):
-                batch = order[b * self.batch_size : (b + 1) * self.batch_size]
-                share = self.batch_size // self.world_size
-                yield [(epoch, i) for i in batch[self.rank * share : (self.rank + 1) * share]]
-            epoch, first = epoch + 1, 0
+            batch = []
+            while len(batch) < self.batch_size:
+                taken = order[offset : offset + self.batch_size - len(batch)]
+                batch += [(epoch, i) for i in taken]
+                offset += len(taken)
+                if offset == self.n:
+                    epoch, offset = epoch + 1, 0
+                    order = self._order(epoch)
+            yield batch[self.rank * share : (self.rank + 1) * share]
