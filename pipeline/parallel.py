@@ -162,15 +162,17 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+        # Through apply, not in place: differentiable again, for the gradient penalty's double
+        # backward through the discriminator's BatchNorm.
+        return _AllReduceSum.apply(grad)
 
 
 class AllReduceBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are the global batch's: per-channel sums and squared
     sums are all-reduced (with their gradient), so forward and backward match one process holding
-    the whole batch. Outside training, or in a world of one, it is BatchNorm2d.
+    the whole batch. Outside training, or in a world of one, it is BatchNorm2d. Counts, sums and
+    the normalisation run in float32 whatever the input's dtype (a bfloat16 count of 5400 pixels
+    would be 5408), and the output comes back in the input's dtype.
 
     :meth:`like` gives a copy of any BatchNorm2d (subclass included) with this behaviour mixed in
     below the subclass's own forward (which calls ``super().forward``)."""
@@ -186,9 +188,9 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and current().size > 1):
             return super().forward(x)
-        c = x.shape[1]
-        count = torch.full((1,), float(x.numel() // c), device=x.device, dtype=x.dtype)
-        stats = _AllReduceSum.apply(torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count]))
+        c, xf = x.shape[1], x.float()
+        count = torch.full((1,), float(x.numel() // c), device=x.device)
+        stats = _AllReduceSum.apply(torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)), count]))
         n = stats[2 * c]
         mean = stats[:c] / n
         var = (stats[c : 2 * c] / n - mean * mean).clamp(min=0)
@@ -196,9 +198,9 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean.detach(), momentum)
-                self.running_var.lerp_(var.detach() * n / (n - 1).clamp(min=1), momentum)
-        y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_((var.detach() * n / (n - 1).clamp(min=1)).to(self.running_var.dtype), momentum)
+        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
         if self.affine:
-            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        return y
+            y = y * self.weight[None, :, None, None].float() + self.bias[None, :, None, None].float()
+        return y.to(x.dtype)

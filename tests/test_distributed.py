@@ -25,8 +25,11 @@ import yaml
 import zarr
 
 from conftest import TINY_DATA
-from pipeline.train.checkpoint import load_checkpoint
+from pipeline import parallel
+from pipeline.config import DistillConfig
+from pipeline.distill.holistic import HolisticTerm
 from pipeline.parallel import AllReduceBatchNorm2d
+from pipeline.train.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ITERATIONS = 6
@@ -36,6 +39,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def on_two_ranks(worker, *args) -> dict:
+    """``worker(rank, port, *args, results)`` in two processes (gloo on one port); their results.
+    Forked rather than spawned: a spawned process imports torch anew, seconds per test."""
+    results = mp.Manager().dict()
+    context = mp.start_processes(worker, args=(free_port(), *args, results), nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("two processes did not finish within 120 s")
+    return results
 
 
 def skd_command(nproc: int, *args: str) -> list[str]:
@@ -90,8 +107,7 @@ def test_allreduce_batchnorm_equals_batchnorm_over_the_whole_batch():
     y = reference(xr)
     y.backward(grad_out)
 
-    results = mp.Manager().dict()
-    mp.spawn(_batchnorm_worker, args=(free_port(), x, grad_out, results), nprocs=2, join=True)
+    results = on_two_ranks(_batchnorm_worker, x, grad_out)
     got_y = torch.cat([results[0][0], results[1][0]])
     got_x_grad = torch.cat([results[0][1], results[1][1]])
     torch.testing.assert_close(got_y, y.detach(), rtol=1e-5, atol=1e-5)
@@ -101,6 +117,86 @@ def test_allreduce_batchnorm_equals_batchnorm_over_the_whole_batch():
         torch.testing.assert_close(results[rank][3], reference.bias.grad, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(results[rank][4], reference.running_mean)
         torch.testing.assert_close(results[rank][5], reference.running_var)
+
+
+def _bf16_batchnorm_worker(rank: int, port: int, x: torch.Tensor, grad_out: torch.Tensor, results) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        bn = AllReduceBatchNorm2d.like(torch.nn.BatchNorm2d(3))
+        half = slice(rank * 2, rank * 2 + 2)
+        xi = x[half].clone().requires_grad_(True)
+        y = bn(xi)
+        y.backward(grad_out[half])
+        results[rank] = (y.detach(), xi.grad, bn.running_mean.clone(), bn.running_var.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_allreduce_batchnorm_of_bfloat16_input_counts_and_sums_in_float32():
+    """A bfloat16 batch (as under autocast) of 4 x 30 x 45 = 5400 pixels per channel, 2 images per
+    process: the statistics are those of the same values in float32 (5400 is not a bfloat16 number:
+    counted in bfloat16 it would be 5408), the output comes back in bfloat16."""
+    torch.manual_seed(2)
+    x = (torch.randn(4, 3, 30, 45) * torch.tensor([1.0, 3.0, 0.2])[None, :, None, None] + 2).bfloat16()
+    grad_out = torch.randn(4, 3, 30, 45).bfloat16()
+    results = on_two_ranks(_bf16_batchnorm_worker, x, grad_out)
+
+    values = x.float()
+    mean = values.sum(dim=(0, 2, 3), dtype=torch.float64) / 5400
+    var = ((values.double() - mean[None, :, None, None]) ** 2).sum(dim=(0, 2, 3))
+    for rank in (0, 1):
+        torch.testing.assert_close(results[rank][2], (0.1 * mean).float(), rtol=1e-5, atol=1e-6)  # momentum 0.1, from 0
+        torch.testing.assert_close(results[rank][3], (0.9 + 0.1 * var / 5399).float(), rtol=1e-5, atol=1e-6)
+    reference = torch.nn.BatchNorm2d(3)
+    xr = values.clone().requires_grad_(True)
+    y = reference(xr)
+    y.backward(grad_out.float())
+    got_y = torch.cat([results[0][0], results[1][0]])
+    got_grad = torch.cat([results[0][1], results[1][1]])
+    assert got_y.dtype == got_grad.dtype == torch.bfloat16
+    torch.testing.assert_close(got_y.float(), y.detach(), rtol=0, atol=2e-2)  # bfloat16 rounding of values ~|4|
+    torch.testing.assert_close(got_grad.float(), xr.grad, rtol=2e-2, atol=2e-3)
+
+
+def _holistic_worker(rank: int, port: int, student: torch.Tensor, teacher: torch.Tensor, images: torch.Tensor,
+                     results) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        results[rank] = holistic_step(student, teacher, images, slice(rank * 2, rank * 2 + 2))
+    finally:
+        dist.destroy_process_group()
+
+
+def holistic_step(student: torch.Tensor, teacher: torch.Tensor, images: torch.Tensor, part: slice) -> tuple:
+    """One step of the holistic term (logits conditioning: D's input BatchNorm) on ``part`` of the batch."""
+    torch.manual_seed(0)  # the same D
+    term = HolisticTerm(4, DistillConfig(lambda_ho=0.5, d_conditioning="logits", d_lr=1e-2), iterations=10, poly_power=0.9,
+                        device=torch.device("cpu"))
+    s = student[part].clone().requires_grad_(True)
+    torch.manual_seed(3)  # the same penalty interpolation (drawn for the global batch)
+    backprop, logged = term.losses(s, teacher[part], images[part], torch.ones(s.shape[0], *s.shape[2:], dtype=torch.bool))
+    backprop.backward()
+    term.update()
+    values = parallel.all_mean(torch.stack([logged[k] for k in ("ho", "d_adv", "d_gp")]))
+    return values, s.grad, {k: v.clone() for k, v in term.discriminator.state_dict().items()}
+
+
+def test_the_discriminator_batchnorm_sees_the_global_batch():
+    """With logits conditioning D normalises its input with BatchNorm: two processes with two
+    images each score, penalise and update D as one process with all four."""
+    torch.manual_seed(1)
+    teacher = torch.log_softmax(3 * torch.randn(4, 4, 8, 8), dim=1)
+    student = teacher + torch.randn(4, 4, 8, 8)
+    images = torch.randn(4, 3, 8, 8)
+    want_values, want_grad, want_d = holistic_step(student, teacher, images, slice(0, 4))
+    results = on_two_ranks(_holistic_worker, student, teacher, images)
+    for rank in (0, 1):
+        values, grad, d = results[rank]
+        torch.testing.assert_close(values, want_values, rtol=1e-4, atol=1e-6)
+        # Each process's loss is the mean over its half: twice its share of the global mean's gradient.
+        torch.testing.assert_close(grad / 2, want_grad[rank * 2 : rank * 2 + 2], rtol=1e-4, atol=1e-7)
+        for name, tensor in want_d.items():
+            torch.testing.assert_close(d[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # -- training -------------------------------------------------------------------------------------
@@ -154,9 +250,13 @@ def one_process_run(setup) -> Path:
     return train_student(setup, 1, setup["tmp"] / "one")
 
 
-def test_two_processes_train_like_one_with_the_whole_batch(setup, one_process_run):
-    one = one_process_run
-    two = train_student(setup, 2, setup["tmp"] / "two")
+@pytest.fixture(scope="module")
+def two_process_run(setup) -> Path:
+    return train_student(setup, 2, setup["tmp"] / "two")
+
+
+def test_two_processes_train_like_one_with_the_whole_batch(one_process_run, two_process_run):
+    one, two = one_process_run, two_process_run
     assert_same_curve(log_records(two), log_records(one))
     a, b = load_checkpoint(one / "model.pt")["model"], load_checkpoint(two / "model.pt")["model"]
     assert a.keys() == b.keys()  # the unwrapped student: no "module." prefixes, plain BatchNorm keys
@@ -164,6 +264,13 @@ def test_two_processes_train_like_one_with_the_whole_batch(setup, one_process_ru
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-4, msg=key)
     # Rank 0 alone writes: one log line per iteration.
     assert len(log_records(two)) == ITERATIONS
+
+
+def test_logged_gradient_norms_are_those_of_the_global_batch(one_process_run, two_process_run):
+    """grad_<term>: the norm of the gradient of the global batch's mean loss on the student's
+    features, whatever the number of processes (not each process's own, averaged)."""
+    terms = ("grad_task", "grad_pi", "grad_pa", "grad_ho")
+    assert_same_curve(log_records(two_process_run), log_records(one_process_run), terms)
 
 
 def test_a_two_process_run_resumes_in_one_process(setup, one_process_run):

@@ -30,7 +30,7 @@ from torch import Tensor
 from pipeline.config import DistillConfig
 from pipeline.distill.losses import discriminator_loss, generator_loss, gradient_penalty
 from pipeline.models.discriminator import Discriminator
-from pipeline.parallel import average_gradients, broadcast_module, current
+from pipeline.parallel import average_gradients, broadcast_module, current, sync_batchnorm
 from pipeline.schedule import Progress, poly_schedule
 
 
@@ -80,6 +80,10 @@ class HolisticTerm:
         self.gp_every = cfg.gp_every
         self.kind = cfg.d_loss
         self.discriminator = Discriminator(num_classes, conditioning=cfg.d_conditioning).to(device)
+        if current().size > 1:
+            # Under torchrun, "logits" conditioning's input BatchNorm normalises with the global
+            # batch's statistics, as one process scoring every rank's maps would.
+            sync_batchnorm(self.discriminator)
         broadcast_module(self.discriminator)  # under torchrun, every rank's D starts as rank 0's
         params = self.discriminator.parameters()
         if cfg.d_optimizer == "sgd":

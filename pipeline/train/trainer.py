@@ -205,7 +205,7 @@ class Trainer:
         total = sum(losses.values()) + backprop
         if grad_norms:
             pulls = losses | ({"ho": backprop} if "ho" in self.terms else {})  # only the student's term reaches the features
-            logged |= {f"grad_{name}": _grad_norm(loss, out.features) for name, loss in pulls.items()}
+            logged |= {f"grad_{name}": _grad_square_norm(loss, out.features) for name, loss in pulls.items()}
         with record_function("backward and update"):
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
@@ -226,10 +226,17 @@ class Trainer:
         return kd_weight(self.iteration, round(warmup * self.cfg.train.iterations))
 
     def _checked_values(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
-        """The loss values as floats, averaged over ranks (one device sync for all of them); a NaN/inf
-        stops the run (on every rank: they all see the same values)."""
+        """The loss values as floats, averaged over ranks (one device sync for all of them), and the
+        gradient norms of the global batch's loss; a NaN/inf stops the run (on every rank: they all
+        see the same values)."""
         stacked = parallel.all_mean(torch.stack([v.detach().float() for v in losses.values()]))
         values = dict(zip(losses, stacked.tolist()))
+        # Each rank's loss is the mean over its 1/world of the batch, so its gradient on its own
+        # features is world × theirs in the gradient of the global mean: that gradient's norm is
+        # sqrt(Σ_ranks |g_r|²) / world = sqrt(mean_ranks |g_r|² / world), as one process has it.
+        for name in values:
+            if name.startswith("grad_"):
+                values[name] = math.sqrt(values[name] / self.world.size)
         for name, value in values.items():
             if not math.isfinite(value):
                 last = self.out / "last.pt"
@@ -323,9 +330,10 @@ def _stop_requests() -> Iterator[list[int]]:
             signal.signal(s, handler)
 
 
-def _grad_norm(loss: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+def _grad_square_norm(loss: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """|∂loss/∂tensor|², squared so that ranks' values add up (see ``_checked_values``)."""
     (grad,) = torch.autograd.grad(loss, tensor, retain_graph=True, allow_unused=True)
-    return torch.zeros((), device=tensor.device) if grad is None else grad.float().norm()
+    return torch.zeros((), device=tensor.device) if grad is None else grad.float().square().sum()
 
 
 def pseudo_labels(teacher_log_probs: torch.Tensor, valid: torch.Tensor, label_hw: tuple[int, int]) -> torch.Tensor:
