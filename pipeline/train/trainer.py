@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 
 class Trainer:
+    """One training run of ``cfg``: :meth:`fit` runs it to the end (``resume``: from the run folder's
+    last checkpoint, which must be of the same settings); :meth:`step` is one step of it."""
+
     def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
         self.cfg, t = cfg, cfg.train
         # Under torchrun: one process per GPU (or CPU worker); rank 0 alone writes logs and checkpoints.
@@ -71,23 +74,7 @@ class Trainer:
         # Seeded here, after any teacher was built (its init draws random numbers too), so that the
         # student starts from the same weights with a cache and with an online teacher.
         torch.manual_seed(t.seed)
-        self.student = build_model(cfg.model.name, self.dataset.num_classes, width=cfg.model.width,
-                                   pretrained_backbone=cfg.model.pretrained_backbone).to(self.device)
-        for module in self.student.modules():
-            if isinstance(module, torch.nn.Dropout2d):
-                module.p = cfg.model.dropout
-        sync_bn = t.sync_bn if t.sync_bn is not None else self.world.size > 1
-        if sync_bn and self.world.size > 1:  # statistics of the global batch, as one process would have
-            self.student = parallel.sync_batchnorm(self.student)
-        # Feature distillation: a 1x1 conv from the student's PSP features to the teacher's channels,
-        # trained with the student (and kept out of model.pt: deployment needs the student alone).
-        self.adapter = (torch.nn.Conv2d(self.student.feature_channels, teacher.feature_channels, 1).to(self.device)
-                        if "fd" in self.terms else None)
-        # What the step calls: the modules themselves, or their DDP wrappers (gradients averaged over
-        # ranks); checkpoints always hold the plain modules.
-        self.model, self.adapt = self._replicated(self.student), self._replicated(self.adapter)
-        if t.compile:  # the step calls the compiled wrapper; validation and checkpoints use the module
-            self.model = torch.compile(self.model)
+        self._build_student(teacher.feature_channels if "fd" in self.terms else None)
         params = [*self.student.parameters(), *(self.adapter.parameters() if self.adapter is not None else [])]
         self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         # Progress by iterations, or by training seconds against --budget-minutes.
@@ -108,6 +95,26 @@ class Trainer:
             self._resume()
         else:
             self.checkpoints.refuse_existing()
+
+    def _build_student(self, teacher_channels: int | None) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        self.student = build_model(cfg.model.name, self.dataset.num_classes, width=cfg.model.width,
+                                   pretrained_backbone=cfg.model.pretrained_backbone).to(self.device)
+        for module in self.student.modules():
+            if isinstance(module, torch.nn.Dropout2d):
+                module.p = cfg.model.dropout
+        sync_bn = t.sync_bn if t.sync_bn is not None else self.world.size > 1
+        if sync_bn and self.world.size > 1:  # statistics of the global batch, as one process would have
+            self.student = parallel.sync_batchnorm(self.student)
+        # Feature distillation: a 1x1 conv from the student's PSP features to the teacher's channels,
+        # trained with the student (and kept out of model.pt: deployment needs the student alone).
+        self.adapter = (torch.nn.Conv2d(self.student.feature_channels, teacher_channels, 1).to(self.device)
+                        if teacher_channels else None)
+        # What the step calls: the modules themselves, or their DDP wrappers (gradients averaged over
+        # ranks); checkpoints always hold the plain modules.
+        self.model, self.adapt = self._replicated(self.student), self._replicated(self.adapter)
+        if t.compile:  # the step calls the compiled wrapper; validation and checkpoints use the module
+            self.model = torch.compile(self.model)
 
     def _replicated(self, module: torch.nn.Module | None) -> torch.nn.Module | None:
         if module is None or not self.world.distributed:
@@ -166,14 +173,7 @@ class Trainer:
         with record_function("student forward"):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             images = normalize(batch["image"])
-            self.student.train()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-                try:
-                    out = self.model(images)
-                except torch._dynamo.exc.BackendCompilerFailed as exc:  # --compile only: the first step compiles
-                    raise SkdError(f"--compile: torch.compile could not compile the student "
-                                   f"({type(exc.inner_exception).__name__}: {str(exc.inner_exception)[:300]}); "
-                                   "train without --compile; this step wrote nothing") from exc
+            out = self._forward(images)
             out_hw = tuple(out.logits.shape[-2:])
             logits = out.logits.float()
         label = batch["label"]
@@ -217,6 +217,17 @@ class Trainer:
         # The step's one host sync. A non-finite value stops the run; the state on disk is the last
         # checkpoint, written before this step.
         return self._checked_values(losses)
+
+    def _forward(self, images: torch.Tensor):
+        """The student's training forward (bf16 autocast on CUDA with amp)."""
+        self.student.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            try:
+                return self.model(images)
+            except torch._dynamo.exc.BackendCompilerFailed as exc:  # --compile only: the first step compiles
+                raise SkdError(f"--compile: torch.compile could not compile the student "
+                               f"({type(exc.inner_exception).__name__}: {str(exc.inner_exception)[:300]}); "
+                               "train without --compile; this step wrote nothing") from exc
 
     def _kd_weight(self) -> float:
         """The distillation warm-up factor of this step: over the iterations, or over a budget."""
