@@ -106,7 +106,10 @@ def train_options(f):
         click.option("--seed", type=int, default=None, help="[default: 0]"),
         click.option("--device", default=None, help="auto, cpu, cuda, cuda:1 ... [default: auto]"),
         click.option("--out", type=click.Path(), default=None, help="Run folder for checkpoints and logs."),
-        click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint."),
+        click.option("--resume", is_flag=True,
+                     help="Continue the run in --out from its last checkpoint, with the settings it was started "
+                          "with (where it runs and how it reports may change: --device, --workers, --data-root, "
+                          "--compile, --val-every, --tensorboard)."),
     ]):
         f = decorator(f)
     return f
