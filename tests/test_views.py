@@ -41,7 +41,7 @@ def test_stored_views_are_exactly_what_the_teacher_computes_on_the_training_samp
     store = TeacherStore(view_store(tmp_path, tiny_teacher))
     teacher, _ = model_from_checkpoint(tiny_teacher)
     dataset = build_dataset("synthetic", None, "train", **OPTIONS)
-    samples = TrainingSamples(dataset, AUGMENT, store, views=True)
+    samples = TrainingSamples(dataset, AUGMENT, store, use_view_bank=True)
     seen_flips, seen_sizes = set(), set()
     for epoch in range(VIEWS):
         samples.epoch = epoch

@@ -29,19 +29,19 @@ class TrainingSamples(torch.utils.data.Dataset):
     with a store ``teacher_log_probs`` / ``teacher_features`` (float32 windows of the cache) with their
     boxes ``logit_box`` / ``feature_box`` in window coordinates and ``flip``, whether replay must
     mirror them. ``features=False`` skips reading the features (nothing needs them without
-    pair-wise distillation). ``views=True`` takes each sample among the store's bank of views (which
+    pair-wise distillation). ``use_view_bank=True`` takes each sample among the store's bank of views (which
     must exist) instead of augmenting afresh.
     """
 
     def __init__(self, dataset, augment: AugmentConfig, store: TeacherStore | None = None, seed: int = 0,
-                 features: bool = True, views: bool = False):
-        if views and not (store is not None and store.views):
-            raise ValueError("views=True needs a store with a bank of views")
+                 features: bool = True, use_view_bank: bool = False):
+        if use_view_bank and not (store is not None and store.views):
+            raise ValueError("use_view_bank=True needs a store with a bank of views")
         self.dataset = dataset
         self.augment = augment
         self.store = store
         self.features = features
-        self.views = views
+        self.use_view_bank = use_view_bank
         self.seed = seed
         self.epoch = 0
 
@@ -53,7 +53,7 @@ class TrainingSamples(torch.utils.data.Dataset):
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         item = self.dataset[index]
         image_hw = tuple(item["image"].shape[-2:])
-        if self.views:
+        if self.use_view_bank:
             view = view_for_epoch(self.store.views["count"], self.seed, index, epoch)
             params, jitter = crop_params(self.store.view_crops[index, view]), tuple(self.store.view_jitter[index, view])
         else:
@@ -66,7 +66,7 @@ class TrainingSamples(torch.utils.data.Dataset):
         box = crop_box(params, image_hw, (out_hw[0] * OUTPUT_STRIDE, out_hw[1] * OUTPUT_STRIDE))
         valid = valid_mask(box, image_hw, out_hw)
         sample = {"image": image, "label": label, "flip": params.flip, "valid": valid.flip(-1) if params.flip else valid}
-        if self.views:
+        if self.use_view_bank:
             sample |= self._view_targets(index, view, out_hw)
         elif self.store is not None:
             sample |= self._cached_targets(index, image_hw, box, params.scaled_hw[0] / image_hw[0])

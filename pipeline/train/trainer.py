@@ -147,7 +147,7 @@ class Trainer:
     def batches(self) -> Iterator[dict]:
         data, t = self.cfg.data, self.cfg.train
         samples = TrainingSamples(self.dataset, data.augment(), self.store, seed=t.seed, features=bool(self.terms & {"pa", "fd"}),
-                                  views=self.use_views)
+                                  use_view_bank=self.use_views)
         loader = DataLoader(
             samples, batch_sampler=EpochBatches(len(samples), t.batch_size, t.seed, self.iteration, self.world.rank,
                                                 self.world.size),
