@@ -67,8 +67,11 @@ log = logging.getLogger(__name__)
 # Settings a resumed run may change: where the data lies, how the run is executed and how it
 # reports. Each leaves the sequence of steps as it is (samples are seeded by (seed, epoch, index),
 # whatever the loader's workers; a compiled student computes what the eager one does). Everything
-# else defines the run and must stay as the checkpoint was trained. The cache section configures
-# cache-teacher; training reads the store's own settings, so it is left out too.
+# else defines the run and must stay as the checkpoint was trained: the data and its augmentation,
+# the models, the teacher or store, the losses and their weights, the seed, the batch, and
+# iterations and budget_minutes (the learning-rate schedule and the warm-up are fractions of them).
+# The cache section configures cache-teacher; training reads the store's own settings, so it is
+# left out too.
 RESUMABLE_SETTINGS = frozenset({
     "data.root", "data.workers", "data.prefetch_factor", "data.pin_memory",
     "train.device", "train.compile", "train.out",
