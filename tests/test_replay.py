@@ -14,7 +14,8 @@ from torch import nn
 import pipeline.data.samples as samples_module
 from pipeline.cache.replay import replay_targets, valid_mask
 from pipeline.data.samples import TrainingSamples, collate
-from pipeline.cache.store import TeacherStore, create_store, finalize
+from pipeline.cache.lifecycle import finalize
+from pipeline.cache.store import TeacherStore, create_store
 from pipeline.cache.writer import cache_teacher
 from pipeline.config import Config, merge
 from pipeline.data import build_dataset
