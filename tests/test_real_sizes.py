@@ -44,11 +44,11 @@ def test_mixed_real_sizes_run_through_every_command(tmp_path, monkeypatch):
     root = make_folder_dataset(tmp_path / "street")
     config = tmp_path / "street.yaml"
     config.write_text(yaml.safe_dump({
-        "data": {"dataset": "folder", "root": str(root), "crop_size": [256, 320], "scale_range": [0.5, 1.5],
+        "data": {"dataset": "folder", "root": str(root), "crop_size": [192, 256], "scale_range": [0.5, 1.5],
                  "flip": True, "workers": 0},
         "model": {"name": "pspnet_resnet18", "width": 0.125},
         "train": {"batch_size": 2, "device": "cpu", "log_every": 1},
-        "cache": {"feature_pool": 1, "levels": [1.0, 2.0], "teacher_window": [512, 512], "views": 2},
+        "cache": {"feature_pool": 1, "levels": [1.0, 1.5], "teacher_window": [512, 512], "views": 2},
     }))
     torch.manual_seed(0)
     arch = {"name": "pspnet_resnet18", "num_classes": len(CLASSES), "width": 0.125}
@@ -69,10 +69,10 @@ def test_mixed_real_sizes_run_through_every_command(tmp_path, monkeypatch):
     cached = TeacherStore(store)
     largest = (2048 // 8, 1152 // 8)  # the canvas: the tallest and the widest image
     assert cached.array("log_probs").shape == (5, len(CLASSES), *largest)
-    assert cached.array("log_probs_x2").shape == (5, len(CLASSES), 2 * 2048 // 8, 2 * 1152 // 8)
+    assert cached.array("log_probs_x1.5").shape == (5, len(CLASSES), 1.5 * 2048 // 8, 1.5 * 1152 // 8)
     for i, (h, w) in enumerate(SIZES["train"]):
         assert cached.read_log_probs(i).shape[-2:] == (math.ceil(h / 8), math.ceil(w / 8))
-        assert cached.read_log_probs(i, 2.0).shape[-2:] == (math.ceil(2 * h / 8), math.ceil(2 * w / 8))
+        assert cached.read_log_probs(i, 1.5).shape[-2:] == (math.ceil(round(1.5 * h) / 8), math.ceil(round(1.5 * w) / 8))
     skd("cache-verify", str(store))
     skd("cache-stats", str(store), "--output", str(tmp_path / "stats.json"))
     stats = json.loads((tmp_path / "stats.json").read_text())
