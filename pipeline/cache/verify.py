@@ -3,18 +3,20 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from tqdm import tqdm
 
 from pipeline.cache.schema import ArraySpec
-from pipeline.cache.store import TeacherStore
+from pipeline.cache.store import TeacherStore, scrub
 from pipeline.cache.views import draw_views
 
 # Attributes a store cannot be used without.
 REQUIRED_ATTRS = ("teacher", "dataset", "preprocessing", "feature_pool", "format_version")
 
 
-def verify_store(store: TeacherStore, progress: bool = True) -> list[str]:
+def verify_store(store: TeacherStore, progress: bool = True, threads: int = 8) -> list[str]:
     """Every problem found in ``store``, each naming the array and image it concerns (empty: sound).
 
     Iterates the store's schema (``pipeline.cache.schema``): each array must be there with its
@@ -42,20 +44,40 @@ def verify_store(store: TeacherStore, progress: bool = True) -> list[str]:
     for spec in specs:
         if not spec.over_images:
             problems += _check(store, spec, None)
-    for index in tqdm(range(n), desc="cache-verify", unit="img", disable=not progress):
-        for spec in specs:
-            if spec.over_images:
-                problems += _check(store, spec, index)
+    per_image = [spec for spec in specs if spec.over_images]
+    shard = store.layout.shard_images
+    store.group  # opened here, once, before the threads share it
+
+    def check_shard(start: int) -> list[str]:
+        stop, found = min(start + shard, n), []
+        for spec in per_image:
+            try:  # one read per shard file; a damaged chunk makes it fail, then each image is read alone
+                block = store.array(spec.name)[start:stop]
+            except Exception:  # noqa: BLE001 -- reported image by image below
+                block = None
+            for index in range(start, stop):
+                found += _check(store, spec, index, None if block is None else block[index - start])
+        return found
+
+    # Shards are read in parallel: a read waits on storage (a disk, or requests to a bucket) as much
+    # as it computes, and zarr's decoding releases the GIL.
+    with ThreadPoolExecutor(threads) as pool, tqdm(total=n, desc="cache-verify", unit="img",
+                                                   disable=not progress) as bar:
+        for start, found in zip(range(0, n, shard), pool.map(check_shard, range(0, n, shard))):
+            problems += found
+            bar.update(min(shard, n - start))
     return problems
 
 
-def _check(store: TeacherStore, spec: ArraySpec, index: int | None) -> list[str]:
-    """The problems of one image's entry of an array (``index`` None: an array not over images)."""
+def _check(store: TeacherStore, spec: ArraySpec, index: int | None, values: np.ndarray | None = None) -> list[str]:
+    """The problems of one image's entry of an array (``index`` None: an array not over images),
+    read here unless its ``values`` are given."""
     what = spec.name if index is None else f"{spec.name} of image {store.ids[index]!r} (#{index})"
-    try:
-        values = store.array(spec.name)[() if index is None else index]
-    except Exception as exc:  # noqa: BLE001 -- checksum mismatch, truncated or undecodable chunk
-        return [f"{what}: {type(exc).__name__}: {exc}"]
+    if values is None:
+        try:
+            values = store.array(spec.name)[() if index is None else index]
+        except Exception as exc:  # noqa: BLE001 -- checksum mismatch, truncated or undecodable chunk
+            return [f"{what}: {type(exc).__name__}: {scrub(exc)}"]
     values = np.asarray(values)
     if spec.verify == "finite":
         if spec.extent is not None:
