@@ -7,11 +7,16 @@ hidden behind the teacher). Reports images/s and the ratio as JSON.
     python bench/cache_throughput.py --output docs/results/cache_throughput_cpu.json       # CPU, small
     python bench/cache_throughput.py --size 1024x2048 --teacher-arch pspnet_resnet101 --teacher-width 1 \\
         --images 64 --batch-size 4 --workers 12 --device cuda --precision bf16 --output tp.json
+    # real images read from disk (not synthetic scenes drawn on a CPU core): CamVid train, every image
+    python bench/cache_throughput.py --dataset camvid --data-root ../shared/data/camvid --images 0 \\
+        --teacher-arch pspnet_resnet101 --teacher-width 1 --workers 12 --device cuda --output tp_camvid.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import json
 import platform
 import shutil
@@ -46,11 +51,28 @@ def teacher_only(teacher, dataset, batch_size: int, workers: int, device: torch.
     return len(dataset) / (time.perf_counter() - tic)
 
 
+def first_images(dataset, n: int):
+    """The first ``n`` images of a dataset read from files, as a dataset of the same kind (what the
+    writer needs of it: ids, sizes, a fingerprint of its own)."""
+    subset = copy.copy(dataset)
+    subset.ids = dataset.ids[:n]
+    subset.image_paths, subset.label_paths = dataset.image_paths[:n], dataset.label_paths[:n]
+    subset._lut_of = dataset._lut_of[:n]
+    subset.fingerprint = hashlib.sha256(f"{dataset.fingerprint} first {n}".encode()).hexdigest()
+    return subset
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="synthetic",
+                   help="synthetic (drawn on the fly), or a dataset read from disk: camvid, cityscapes, ade20k, folder")
+    p.add_argument("--data-root", default=None, help="the dataset's folder (not for synthetic)")
+    p.add_argument("--split", default="train", help="the split whose images are run (not for synthetic)")
     p.add_argument("--size", default="192x256", help="synthetic image size HxW")
-    p.add_argument("--images", type=int, default=48)
-    p.add_argument("--classes", type=int, default=19, help="teacher classes (the writer does not care what the images show)")
+    p.add_argument("--images", type=int, default=48, help="images (the first N of a real split; 0: all of it)")
+    p.add_argument("--classes", type=int, default=None,
+                   help="teacher classes (the writer does not care what the images show) [default: 19 for "
+                        "synthetic images, else the dataset's]")
     p.add_argument("--teacher-arch", default="pspnet_resnet50")
     p.add_argument("--teacher-width", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=8)
@@ -65,8 +87,15 @@ def main() -> None:
 
     device = resolve_device(args.device)
     size = [int(v) for v in args.size.split("x")]
-    dataset = build_dataset("synthetic", None, "train", size=size, length=args.images)
-    arch = {"name": args.teacher_arch, "num_classes": args.classes, "width": args.teacher_width}
+    if args.dataset == "synthetic":
+        dataset = build_dataset("synthetic", None, "train", size=size, length=args.images or 48)
+        classes = args.classes or 19
+    else:
+        dataset = build_dataset(args.dataset, args.data_root, args.split)
+        classes = args.classes or dataset.num_classes
+        if 0 < args.images < len(dataset):
+            dataset = first_images(dataset, args.images)
+    arch = {"name": args.teacher_arch, "num_classes": classes, "width": args.teacher_width}
     torch.manual_seed(0)
     teacher = build_model(**arch).to(device).eval()
     teacher_only(teacher, torch.utils.data.Subset(dataset, range(min(8, len(dataset)))), args.batch_size, 0, device,
@@ -90,7 +119,8 @@ def main() -> None:
         commit = None
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
               f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)", "commit": commit,
-              "command": " ".join(sys.argv), "torch": torch.__version__, "settings": vars(args), "results": results}
+              "command": " ".join(sys.argv), "torch": torch.__version__, "settings": vars(args), "images": len(dataset),
+              "image_size": list(dataset[0]["image"].shape[-2:]), "results": results}
     print(f"teacher only {results['teacher_only_img_s']:.2f} img/s   cache-teacher {results['cache_teacher_img_s']:.2f} "
           f"img/s   ratio {results['ratio']:.3f}")
     if args.output:

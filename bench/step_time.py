@@ -9,6 +9,7 @@ what the times' ratio would be if every op ran equally efficiently.
     python bench/step_time.py --output docs/results/step_time_cpu.json                 # CPU, small scale
     python bench/step_time.py --losses pi --losses pi,pa --losses pi,pa,ho --profile prof.txt  # several sets
     python bench/step_time.py --losses pi,pa,ho --no-online --compile     # each mode eager and compiled, in turn
+    python bench/step_time.py --losses pi --losses pi,pa,ho --online-losses pi,pa,ho   # online for the full set only
     python bench/step_time.py --dataset camvid --data-root ../shared/data/camvid \\
         --teacher runs/camvid-teacher/model.pt --crop 360x480 --device cuda --output step_time_gpu.json
     # Cityscapes scale on a GPU: R18 x1.0 student, R101 teacher, 512x512 crops of 1024x2048 images
@@ -135,6 +136,8 @@ def main() -> None:
     p.add_argument("--gp-every", type=int, default=1,
                    help="the gradient penalty on every N-th discriminator step (distill.gp_every; 1 = the paper)")
     p.add_argument("--no-online", action="store_true", help="time student-only and cached steps only")
+    p.add_argument("--online-losses", action="append", default=None,
+                   help="time the online teacher for these of the --losses sets only (repeatable) [default: every set]")
     p.add_argument("--compile", action="store_true",
                    help="also time every mode with its student compiled (train.compile), in the same rounds; the "
                         "first warm-up step compiles")
@@ -156,7 +159,7 @@ def main() -> None:
         teacher, arch = model_from_checkpoint(teacher_path)
         cache = str(tmp / "cache.zarr")
         cache_teacher(teacher, {**arch, "weights_sha256": file_sha256(teacher_path)}, dataset, cache,
-                      device=device, feature_pool=4, progress=False)
+                      device=device, feature_pool=4, workers=args.workers, progress=False)
 
     base = {
         "data": {"dataset": args.dataset, "root": args.data_root, "options": options,
@@ -171,7 +174,7 @@ def main() -> None:
         terms = losses.split(",")
         distill = {"losses": terms, "gp_every": args.gp_every}
         modes += [(f"cached_{losses}", {"distill": {**distill, "cache": cache}})]
-        if not args.no_online:
+        if not args.no_online and (args.online_losses is None or losses in args.online_losses):
             modes += [(f"online_{losses}", {"distill": {**distill, "teacher": teacher_path}})]
     if args.compile:
         modes += [(name + COMPILED, {**extra, "train": {"compile": True}}) for name, extra in modes]
