@@ -413,19 +413,20 @@ def evaluate_cmd(ctx: click.Context, config_path: str | None, dataset: str | Non
 @data_options
 @click.option("--split", "splits", multiple=True, default=("train", "val"), help="Split(s) to scan.")
 def check_data_cmd(config_path: str | None, dataset: str | None, data_root: str | None, splits: tuple[str, ...]) -> None:
-    """Scan a dataset and report every problem at once (unreadable images, missing or mis-sized labels,
-    label values outside the class range). Exits non-zero when anything is wrong."""
+    """Scan a dataset and report every problem at once, each split's under its summary: unreadable
+    images (every image decoded in full, and JPEGs checked for damaged compressed data), missing or
+    mis-sized labels, label values outside the class range. Exits non-zero when anything is wrong."""
     from pipeline.data import build_dataset, check_dataset
 
     cfg = build_config(config_path, data={"dataset": dataset, "root": data_root})
-    problems = []
+    problems = 0
     for split in splits:
         ds = build_dataset(cfg.data.dataset, cfg.data.root, split, **cfg.data.options)
         found = check_dataset(ds)
         click.echo(f"{cfg.data.dataset}/{split}: {len(ds)} images, {len(found)} problem(s)")
-        problems += found
-    for p in problems:
-        click.echo(f"  {p}")
+        for p in found:  # under their own split's summary
+            click.echo(f"  {p}")
+        problems += len(found)
     if problems:
         raise SystemExit(1)
 

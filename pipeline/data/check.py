@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pipeline.data import io
 from pipeline.data.base import SegmentationDataset
+from pipeline.errors import SkdError
 
 
 def check_dataset(dataset: SegmentationDataset) -> list[str]:
     """Read every item of ``dataset`` and return one human-readable message per problem found.
 
-    Reports unreadable or truncated images and labels, missing label files, label/image size
+    Reports unreadable or truncated images and labels, JPEG images whose compressed data is damaged
+    (which the decoder conceals: see ``io.check_jpeg_data``), missing label files, label/image size
     mismatches and label values outside the class range; an empty list means the dataset is clean.
     """
     problems = []
@@ -19,6 +22,13 @@ def check_dataset(dataset: SegmentationDataset) -> list[str]:
                 duplicates.append(item_id)
             seen.add(item_id)
         problems.append(f"duplicate image ids: {', '.join(sorted(set(duplicates))[:10])}")
+    image_paths = getattr(dataset, "image_paths", None)  # datasets stored as files
     for index in range(len(dataset)):
-        problems.extend(dataset.check_item(index))
+        found = dataset.check_item(index)
+        if image_paths is not None and not any(str(image_paths[index]) in p for p in found):
+            try:
+                io.check_jpeg_data(image_paths[index])
+            except SkdError as e:
+                found.append(str(e))
+        problems.extend(found)
     return problems

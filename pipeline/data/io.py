@@ -7,6 +7,7 @@ label values that are not class ids) becomes a ``DataError`` (an ``SkdError``) w
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,97 @@ def _open_decoded(path: Path, what: str) -> Image.Image:
     except _PIL_ERRORS as e:
         raise DataError(f"cannot read {what} file {path}: {e}") from None
     return img
+
+
+class _TrickleReader(io.BytesIO):
+    """A file that hands out one byte per read from offset ``slow_from`` on, so that once Pillow has
+    decoded an image from it, ``tell()`` is exactly where the decoder stopped reading."""
+
+    def __init__(self, data: bytes, slow_from: int) -> None:
+        super().__init__(data)
+        self.slow_from = slow_from
+
+    def read(self, size: int | None = -1) -> bytes:
+        here = self.tell()
+        if here >= self.slow_from:
+            size = 1
+        elif size is None or size < 0 or here + size > self.slow_from:
+            size = self.slow_from - here
+        return super().read(size)
+
+
+def _jpeg_scan_extent(data: bytes) -> tuple[int, int] | None:
+    """Offsets of the first scan's data and of the end-of-image marker of the first image in
+    ``data`` (a JPEG), found by walking its segments and scans; None when the structure does not
+    lead to an end-of-image marker (a damaged file)."""
+    pos = 2  # after the start-of-image marker
+    first_scan = None
+    while pos + 1 < len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker == 0xD9:
+            return (first_scan, pos) if first_scan is not None else None
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+            if marker == 0xDA:  # a scan: its data runs to the next marker (0xFF00 is a data byte, RSTn a restart)
+                first_scan = pos if first_scan is None else first_scan
+                while True:
+                    pos = data.find(b"\xff", pos)
+                    if pos < 0 or pos + 1 >= len(data):
+                        return None
+                    if data[pos + 1] != 0x00 and not 0xD0 <= data[pos + 1] <= 0xD7:
+                        break
+                    pos += 2
+    return None
+
+
+def check_jpeg_data(path: str | Path) -> None:
+    """Raise DataError if the compressed data of the JPEG file ``path`` is damaged where decoding
+    alone does not show it.
+
+    libjpeg (in Pillow) conceals damage inside a JPEG's compressed data: bytes that lose the decoder
+    its place give a wrong image, and no error. Once lost, the decoder finishes the image before
+    the data ends (bytes left over), or runs out of data before the image ends (it fills the rest
+    in). Both are checked: where the decoder stopped reading against the end-of-image marker, and
+    whether the pixels change when ones are appended to the data (only a decoder that ran out reads
+    them). For the usual baseline JPEGs this finds nearly every run of random bytes; in progressive
+    JPEGs and ones with restart markers, only damage that reaches the last scan or interval.
+    Files that are not JPEGs are left alone; ``read_image`` reports what Pillow itself finds.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if not data.startswith(b"\xff\xd8"):
+        return
+    extent = _jpeg_scan_extent(data)
+    if extent is None:
+        raise DataError(f"cannot read image file {path}: corrupt JPEG data (its segments do not lead to an "
+                        "end-of-image marker)")
+    first_scan, end = extent
+    try:
+        # Read in blocks up to just before the end marker (Pillow reads the header whole), then byte by
+        # byte: a decoder that finished early has read no further than where the bytes start.
+        reader = _TrickleReader(data, slow_from=max(first_scan, end - 16))
+        with Image.open(reader) as img:
+            img.load()
+            pixels = np.asarray(img)
+        stopped = reader.tell()
+        padded = data[:end] + b"\xff\x00" * 64 + data[end:]  # 512 one-bits before the end marker
+        with Image.open(io.BytesIO(padded)) as img:
+            img.load()
+            pixels_padded = np.asarray(img)
+    except _PIL_ERRORS as e:
+        raise DataError(f"cannot read image file {path}: {e}") from None
+    if stopped < end:
+        raise DataError(f"cannot read image file {path}: corrupt JPEG data (the image was complete {end - stopped} "
+                        "bytes before the end of its compressed data)")
+    if not np.array_equal(pixels, pixels_padded):
+        raise DataError(f"cannot read image file {path}: corrupt JPEG data (its compressed data ends before the "
+                        "image does)")
 
 
 def read_image(path: str | Path) -> torch.Tensor:
