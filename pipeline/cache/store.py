@@ -373,8 +373,21 @@ class TeacherStore:
             raise SkdError(f"{where} caches dataset {info['name']}/{info['split']}, "
                            f"not {dataset.name}/{dataset.split}")
         if info["fingerprint"] != dataset.fingerprint:
+            # Say which data each side holds: counts, roots (the store records its root only if its
+            # writer did), and the first id only one side has.
+            store_root = f"from {info['root']}" if info.get("root") else "its dataset's root not recorded"
+            data_root = getattr(dataset, "root", None)
+            data_side = f"the dataset at {data_root} has {len(dataset)} images" if data_root else \
+                f"the dataset has {len(dataset)} images"
+            only_store = sorted(set(self.ids) - set(dataset.ids))
+            only_data = sorted(set(dataset.ids) - set(self.ids))
+            ids = (f"; first id only in the store: {only_store[0]!r}" if only_store else "") + \
+                (f"; first id only in the dataset: {only_data[0]!r}" if only_data else "")
+            if not ids:
+                ids = "; the same ids, so some files differ in content (size) or the class list changed"
             raise SkdError(f"{where} was cached from different files of {dataset.name}/{dataset.split} "
-                           f"(fingerprint {info['fingerprint'][:12]} != {dataset.fingerprint[:12]}): re-run skd cache-teacher")
+                           f"(fingerprint {info['fingerprint'][:12]} != {dataset.fingerprint[:12]}): the store holds "
+                           f"{len(self.ids)} images ({store_root}), {data_side}{ids}; re-run skd cache-teacher")
         if list(dataset.ids) != self.ids:
             raise SkdError(f"{where} lists {len(self.ids)} image ids that differ from the dataset's {len(dataset.ids)}")
         expected = num_classes if num_classes is not None else dataset.num_classes
