@@ -532,13 +532,25 @@ def cache_info(store: str) -> None:
 
 @cli.command("cache-stats")
 @click.argument("store")
-@click.option("--labels", default=None, help="DATASET/SPLIT (e.g. camvid/val): also the cached teacher's mIoU on it.")
-@click.option("--data-root", default=None, help="Root of the --labels dataset. [default: ./data/<dataset>]")
-@click.option("--output", type=click.Path(), default=None, help="Write the statistics as JSON here.")
+@click.option("--labels", default=None,
+              help="DATASET/SPLIT (e.g. camvid/val): also the cached teacher's mIoU on it. Checked before the "
+                   "statistics are computed.")
+@click.option("--config", "config_path", type=click.Path(), default=None,
+              help="YAML recipe whose data section (root, options such as suffixes) the --labels dataset is "
+                   "built with when it names the same dataset.")
+@click.option("--data-root", default=None, help="Root of the --labels dataset. [default: the config's, else ./data/<dataset>]")
+@click.option("--output", type=click.Path(), default=None,
+              help="Write the statistics as JSON here (written before the mIoU is computed, and again with it).")
 @click.pass_context
-def cache_stats(ctx: click.Context, store: str, labels: str | None, data_root: str | None, output: str | None) -> None:
+def cache_stats(ctx: click.Context, store: str, labels: str | None, config_path: str | None, data_root: str | None,
+                output: str | None) -> None:
     """Bytes and compression per array, non-finite values, the teacher's class frequencies, mean
-    top-class probability and entropy histogram, computed chunk-parallel with dask from the store."""
+    top-class probability and entropy histogram, computed chunk-parallel with dask from the store.
+
+    A --labels that cannot be used (bad name, missing split, data other than the store's) fails at
+    once, before any statistic is computed. If scoring fails later (a damaged label file), the
+    statistics printed so far are also in --output's JSON, without the mIoU.
+    """
     import contextlib
 
     from dask.diagnostics import ProgressBar
@@ -547,23 +559,38 @@ def cache_stats(ctx: click.Context, store: str, labels: str | None, data_root: s
     from pipeline.cache.store import TeacherStore
 
     s = TeacherStore(store)
-    with ProgressBar() if ctx.obj["progress"] else contextlib.nullcontext():
-        stats = store_stats(s)
-    click.echo(format_stats(stats))
+    dataset = None
     if labels:
         from pipeline.data import build_dataset
-        from pipeline.evaluate import evaluate_cache
 
         if labels.count("/") != 1:
             raise SkdError(f"--labels takes DATASET/SPLIT, e.g. camvid/val, not {labels!r}")
         name, split = labels.split("/")
-        dataset = build_dataset(name, data_root, split)
+        cfg = build_config(config_path)
+        same = name == cfg.data.dataset  # the config's root and options belong to its own dataset
+        root = data_root or (cfg.data.root if same else None)
+        dataset = build_dataset(name, root, split, **(cfg.data.options if same else {}))
         s.check_matches(dataset)
-        stats["miou"] = evaluate_cache(s, dataset, progress=ctx.obj["progress"]).miou()
+    with ProgressBar() if ctx.obj["progress"] else contextlib.nullcontext():
+        stats = store_stats(s)
+    click.echo(format_stats(stats))
+
+    def write_json() -> None:
+        if output:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_text(json.dumps(stats, indent=2))
+
+    write_json()
+    if dataset is not None:
+        from pipeline.evaluate import evaluate_cache
+
+        try:
+            stats["miou"] = evaluate_cache(s, dataset, progress=ctx.obj["progress"]).miou()
+        except SkdError as e:
+            kept = f" (the statistics, without the mIoU, are in {output})" if output else ""
+            raise SkdError(f"{e}{kept}") from None
         click.echo(f"\ncached teacher on {labels}: mIoU {100 * stats['miou']:.2f}")
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(stats, indent=2))
+        write_json()
 
 
 @cli.command("cache-pack")
