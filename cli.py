@@ -147,6 +147,58 @@ def common_train_updates(kw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
+# The pair `make install` pins: the one install path the README gives.
+TORCH_INSTALL = "pip install torch==2.14.1 torchvision==0.29.1"
+
+
+def installed_version(package: str) -> str | None:
+    """The installed distribution's version from its metadata (no import), or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def torch_torchvision_match(torch_version: str, torchvision_version: str) -> bool:
+    """Whether the versions are a published pair: torchvision 0.(N + 15) is built for torch 2.N, and
+    both builds carry the same local label (+cpu, +cu130, or none)."""
+    torch_release, _, torch_build = torch_version.partition("+")
+    vision_release, _, vision_build = torchvision_version.partition("+")
+    try:
+        torch_major, torch_minor = (int(v) for v in torch_release.split(".")[:2])
+        vision_major, vision_minor = (int(v) for v in vision_release.split(".")[:2])
+    except ValueError:
+        return False
+    return (torch_major, vision_major, vision_minor - torch_minor, torch_build) == (2, 0, 15, vision_build)
+
+
+def torchvision_ops_load() -> bool:
+    """Whether torchvision's compiled operators load with this torch (imports both: seconds)."""
+    try:
+        import torch
+        import torchvision  # noqa: F401  (raises "operator torchvision::nms does not exist" on a mismatch)
+    except Exception:
+        return False
+    return hasattr(torch.ops.torchvision, "nms")
+
+
+def check_torch_torchvision() -> None:
+    """Refuse a torch and torchvision that do not work together, in one line naming both and the fix.
+
+    The versions are compared from the packages' metadata (cheap); only a pair that is not a
+    published one is confirmed by loading torchvision's operators, so unusual builds that work pass.
+    """
+    torch_version, vision_version = installed_version("torch"), installed_version("torchvision")
+    if torch_version is None or vision_version is None:
+        return
+    if torch_torchvision_match(torch_version, vision_version) or torchvision_ops_load():
+        return
+    raise SkdError(f"torch {torch_version} and torchvision {vision_version} do not match (torchvision's compiled "
+                   f"operators do not load): run `{TORCH_INSTALL}` (what `make install` does), then `pip install -e .`")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, warnings and errors only.")
 @click.version_option(package_name="skd")
@@ -160,6 +212,7 @@ def cli(ctx: click.Context, quiet: bool) -> None:
     3. train-student   train a student from the store: task + pixel-wise + pair-wise + holistic
     4. evaluate        mIoU / per-class IoU of a checkpoint or of the cached teacher
     """
+    check_torch_torchvision()
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
     ctx.obj = {"progress": not quiet and sys.stderr.isatty()}
