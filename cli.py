@@ -553,17 +553,21 @@ def export_cmd(checkpoint: str, fmt: str, size: str, check_image: str | None, ou
 @click.option("--size", default="512x1024", help="Input HxW.")
 @click.option("--batch-sizes", default="1,8", help="Batch sizes to time.")
 @click.option("--device", default="auto", help="auto, cpu, cuda ...")
+@click.option("--warmup", type=int, default=5, help="Untimed forward passes first, at each batch size.")
+@click.option("--repeats", type=int, default=20, help="Timed forward passes, at each batch size.")
 @click.option("--output", type=click.Path(), default=None, help="Write the numbers as JSON here.")
-def profile(checkpoint: str, size: str, batch_sizes: str, device: str, output: str | None) -> None:
-    """Model-card numbers: parameters, GFLOPs per image (torch's FlopCounterMode), latency and
-    images/s at each batch size, and peak memory, on the CPU or a GPU."""
+def profile(checkpoint: str, size: str, batch_sizes: str, device: str, warmup: int, repeats: int,
+            output: str | None) -> None:
+    """Model-card numbers: parameters, GFLOPs per image (torch's FlopCounterMode), latency at each
+    batch size (median of --repeats timed runs after --warmup untimed ones, with quartiles and
+    min-max; a note when they spread widely), images/s, and peak memory, on the CPU or a GPU."""
     from pipeline.device import resolve_device
     from pipeline.profile import format_profile, profile_model
     from pipeline.train.checkpoint import model_from_checkpoint
 
     model, arch = model_from_checkpoint(checkpoint)
     report = profile_model(model, tuple(parse_hw(size)), resolve_device(device),
-                           tuple(int(b) for b in batch_sizes.split(",")))
+                           tuple(int(b) for b in batch_sizes.split(",")), repeats=repeats, warmup=warmup)
     report["arch"] = arch
     click.echo(format_profile(f"{arch['name']} x{arch.get('width', 1.0)}", report))
     if output:
