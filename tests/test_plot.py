@@ -60,3 +60,23 @@ def test_confusion_image_shades_each_row_by_its_share():
     assert corner(1, 1) == corner(1, 2) == tuple(round(255 + 0.5 * (d - 255)) for d in dark)
     assert sum(corner(0, 0)) < sum(corner(1, 1)) < sum(corner(0, 1)) < sum(white)
     assert corner(2, 0) == corner(2, 2) == (200, 200, 200)
+
+
+def test_one_colour_per_run_in_every_panel_and_one_legend_for_the_figure(tmp_path):
+    # The first run has no "pi" curve: matplotlib's per-panel colour cycle would draw the second run
+    # in the first run's colour there, and a legend of the first panel would leave the first run out.
+    write_log(tmp_path / "baseline", [{"iteration": i, "task": 3.0 / i} for i in (2, 4, 6)])
+    write_log(tmp_path / "kd", [{"iteration": i, "task": 2.0 / i, "pi": 1.0 / i} for i in (2, 4, 6)])
+    out = tmp_path / "curves.png"
+    assert plot_runs([tmp_path / "baseline", tmp_path / "kd"], out) == ["pi", "task"]
+    image = np.asarray(Image.open(out).convert("RGB"))
+    blue, orange = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's C0 and C1
+
+    def pixels(region, colour):
+        return int((region == colour).all(axis=-1).sum())
+
+    legend, panels = image[:40], image[45:]
+    left, right = panels[:, : image.shape[1] // 2], panels[:, image.shape[1] // 2:]
+    assert pixels(left, orange) > 50 and pixels(left, blue) == 0  # "pi": the kd run alone, in its colour
+    assert pixels(right, orange) > 50 and pixels(right, blue) > 50  # "task": both runs
+    assert pixels(legend, orange) > 10 and pixels(legend, blue) > 10  # one legend naming both runs, above
