@@ -488,26 +488,36 @@ def check_data_cmd(config_path: str | None, dataset: str | None, data_root: str 
 @click.argument("images", nargs=-1, required=True)
 @click.option("--checkpoint", type=click.Path(), required=True, help="Model checkpoint (skd's model.pt).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for the outputs.")
-@click.option("--dataset", default=None, help="Colour with this dataset's palette (camvid, cityscapes, ade20k, "
-              "synthetic) when the class counts agree. [default: a VOC-style palette]")
+@click.option("--dataset", default=None, help="Colour and name classes as this dataset does (camvid, cityscapes, "
+              "ade20k, synthetic when the class counts agree; folder: its classes.yaml, with --data-root). "
+              "[default: the --config's dataset, else a VOC-style palette]")
+@click.option("--data-root", type=click.Path(), default=None, help="The folder dataset's root (its classes.yaml).")
+@click.option("--config", "config_path", type=click.Path(), default=None,
+              help="YAML recipe whose data section (dataset, root) gives the classes.")
 @click.option("--scales", default="1", help="Test scales, e.g. 0.75,1,1.25 (probabilities averaged).")
 @click.option("--flip", is_flag=True, help="Also average the horizontally flipped image.")
 @click.option("--window", default=None, help="Sliding-window inference with HxW windows. [default: whole image]")
 @click.option("--device", default="auto", help="auto, cpu, cuda ...")
 @click.pass_context
 def predict_cmd(ctx: click.Context, images: tuple[str, ...], checkpoint: str, out: str, dataset: str | None,
-                scales: str, flip: bool, window: str | None, device: str) -> None:
+                data_root: str | None, config_path: str | None, scales: str, flip: bool, window: str | None,
+                device: str) -> None:
     """Segment IMAGES (files, folders, glob patterns): for each, OUT/<name>_label.png (class
-    indices), OUT/<name>_color.png (coloured mask) and OUT/<name>_overlay.png."""
+    indices), OUT/<name>_color.png (coloured mask) and OUT/<name>_overlay.png (with a legend of
+    the classes present)."""
     from pipeline.device import resolve_device
-    from pipeline.predict import expand_inputs, palette_for, predict_files
+    from pipeline.predict import classes_for, expand_inputs, predict_files
     from pipeline.train.checkpoint import model_from_checkpoint
 
+    if config_path:
+        cfg = build_config(config_path, data={"dataset": dataset, "root": data_root})
+        dataset, data_root = cfg.data.dataset, cfg.data.root
     paths = expand_inputs(images)
     model, arch = model_from_checkpoint(checkpoint)
-    written = predict_files(model, paths, Path(out), palette_for(dataset, arch["num_classes"]), resolve_device(device),
+    names, palette = classes_for(dataset, arch["num_classes"], data_root)
+    written = predict_files(model, paths, Path(out), palette, resolve_device(device),
                             parse_floats(scales), flip, tuple(parse_hw(window)) if window else None,
-                            progress=ctx.obj["progress"])
+                            progress=ctx.obj["progress"], names=names)
     click.echo(f"predicted {len(written)} image(s) into {out}")
 
 

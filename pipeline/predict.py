@@ -15,7 +15,7 @@ from pipeline.data.io import read_image
 from pipeline.data.transforms import normalize
 from pipeline.errors import SkdError
 from pipeline.inference import predict
-from pipeline.visualize import colorize, overlay, save_png
+from pipeline.visualize import colorize, overlay_with_legend, save_png
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -44,9 +44,10 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
 
 def predict_files(model: nn.Module, paths: Sequence[Path], out: Path, palette: list[tuple], device: torch.device,
                   scales: Sequence[float] = (1.0,), flip: bool = False, window: tuple[int, int] | None = None,
-                  progress: bool = True) -> list[Path]:
+                  progress: bool = True, names: Sequence[str] = ()) -> list[Path]:
     """For each image write OUT/<name>_label.png (class indices, 255 nowhere), OUT/<name>_color.png
-    and OUT/<name>_overlay.png; returns the label files."""
+    and OUT/<name>_overlay.png (with a legend below of the classes present, named by ``names``);
+    returns the label files."""
     model = model.to(device).eval()
     written = []
     for path in tqdm(paths, desc="predict", unit="img", disable=not progress):
@@ -57,7 +58,7 @@ def predict_files(model: nn.Module, paths: Sequence[Path], out: Path, palette: l
         stem = out / path.stem
         save_png(f"{stem}_label.png", label)
         save_png(f"{stem}_color.png", colorize(label, palette))
-        save_png(f"{stem}_overlay.png", overlay(image, label, palette))
+        save_png(f"{stem}_overlay.png", overlay_with_legend(image, label, palette, list(names)))
         written.append(Path(f"{stem}_label.png"))
     return written
 
@@ -72,4 +73,29 @@ def palette_for(dataset: str | None, num_classes: int) -> list[tuple]:
     return list(palette) if palette is not None and len(palette) == num_classes else io.voc_colormap(num_classes)
 
 
-__all__ = ["expand_inputs", "palette_for", "predict_files"]
+def classes_for(dataset: str | None, num_classes: int, root: str | Path | None = None) -> tuple[list[str], list[tuple]]:
+    """Class names and palette to colour a ``num_classes`` model's predictions with: a folder
+    dataset's from its ``classes.yaml`` (under ``root``, which it needs), a known dataset's when the
+    class counts agree, else ``class <i>`` and a VOC-style palette."""
+    if dataset == "folder":
+        from pipeline.data.folder import load_classes
+
+        if root is None:
+            raise SkdError("--dataset folder needs --data-root (or a --config with data.root): the folder holding "
+                           "classes.yaml, whose names and palette colour the predictions")
+        names, palette, _, path = load_classes(Path(root))
+        if len(names) != num_classes:
+            raise SkdError(f"{path} lists {len(names)} classes but the model predicts {num_classes}")
+        return names, palette
+    from pipeline.data import DATASETS, ade20k, camvid, cityscapes, synthetic
+
+    if dataset is not None and dataset not in DATASETS:
+        raise SkdError(f"unknown dataset {dataset!r} for colours (known: {', '.join(sorted(DATASETS))})")
+    known = {"camvid": camvid, "cityscapes": cityscapes, "ade20k": ade20k, "synthetic": synthetic}
+    module = known.get(dataset or "")
+    if module is not None and len(module.CLASS_NAMES) == num_classes:
+        return list(module.CLASS_NAMES), list(module.PALETTE)
+    return [f"class {i}" for i in range(num_classes)], palette_for(None, num_classes)
+
+
+__all__ = ["classes_for", "expand_inputs", "palette_for", "predict_files"]

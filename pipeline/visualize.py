@@ -64,6 +64,34 @@ def overlay(image_uint8_3HW, label, palette: list[tuple], alpha: float = 0.5) ->
     return blend.round().clip(0, 255).astype(np.uint8)
 
 
+def legend_strip(classes, names: list[str], palette: list[tuple], width: int, row: int = 16) -> np.ndarray:
+    """An H×``width``×3 uint8 white strip listing ``classes`` (ids, in order) as a colour swatch and
+    the class name per row; ``width`` grows to fit the longest name."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    labels = [names[c] if c < len(names) else f"class {c}" for c in classes]
+    width = max(width, row + 12 + max((int(font.getlength(t)) for t in labels), default=0))
+    canvas = Image.new("RGB", (width, 4 + row * len(labels)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, (c, text) in enumerate(zip(classes, labels)):
+        y = 2 + k * row
+        draw.rectangle([2, y + 1, row - 1, y + row - 2], fill=tuple(int(v) for v in palette[c]))
+        draw.text((row + 6, y + row / 2), text, fill="black", font=font, anchor="lm")
+    return np.asarray(canvas)
+
+
+def overlay_with_legend(image_uint8_3HW, label, palette: list[tuple], names: list[str], alpha: float = 0.5) -> np.ndarray:
+    """``overlay`` with a legend below it of the classes present in ``label`` (ignored pixels left out)."""
+    top = overlay(image_uint8_3HW, label, palette, alpha)
+    present = [int(c) for c in np.unique(_to_numpy(label)) if c != 255 and c < len(palette)]
+    legend = legend_strip(present, names, palette, top.shape[1])
+    canvas = np.full((top.shape[0] + legend.shape[0], legend.shape[1], 3), 255, dtype=np.uint8)
+    canvas[: top.shape[0], : top.shape[1]] = top
+    canvas[top.shape[0]:] = legend
+    return canvas
+
+
 def save_png(path, array: np.ndarray) -> None:
     """Write an H×W (grey / class indices) or H×W×3 uint8 array as PNG: to a temporary name in the
     same folder, then renamed, so readers never see a half-written file."""

@@ -60,7 +60,7 @@ def test_predict_writes_the_models_argmax_as_label_colour_and_overlay(tmp_path):
     colour = np.asarray(Image.open(tmp_path / "out" / "street_color.png"))
     palette = np.asarray(palette_for("synthetic", 8), dtype=np.uint8)
     assert (colour == palette[label]).all()
-    blended = np.asarray(Image.open(tmp_path / "out" / "street_overlay.png")).astype(int)
+    blended = np.asarray(Image.open(tmp_path / "out" / "street_overlay.png")).astype(int)[:44, :60]  # legend below
     assert np.abs(blended - (image.numpy().transpose(1, 2, 0).astype(int) + palette[label].astype(int)) / 2).max() <= 1
 
 
