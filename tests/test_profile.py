@@ -32,7 +32,7 @@ def test_skd_profile_on_a_checkpoint(tmp_path):
     arch = {"name": "pspnet_resnet18", "num_classes": 8, "width": 0.125}
     save_checkpoint(tmp_path / "model.pt", {"arch": arch, "model": build_model(**arch).state_dict()})
     result = subprocess.run([sys.executable, "-m", "cli", "profile", "--checkpoint", str(tmp_path / "model.pt"),
-                             "--size", "32x48", "--batch-sizes", "1", "--device", "cpu", "--output",
+                             "--size", "32x48", "--batch-sizes", "1", "--device", "cpu", "--warmup", "1", "--repeats", "3", "--output",
                              str(tmp_path / "p.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "p.json").read_text())
