@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 
 from pipeline.config import Config, DistillConfig, TrainConfig, load_config, merge
 from pipeline.errors import SkdError
@@ -56,6 +57,22 @@ def parse_floats(value: str | None) -> list[float] | None:
         return [float(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise SkdError(f"expected comma-separated numbers, not {value!r}") from None
+
+
+def parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:
+    """``key=value`` pairs as fsspec storage options; dotted keys nest (``client_kwargs.region_name=...``),
+    values read as YAML scalars (numbers, true/false)."""
+    options: dict[str, Any] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SkdError(f"--storage-option {item.split('=')[0]!r}...: expected KEY=VALUE")
+        *parents, leaf = key.split(".")
+        target = options
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = yaml.safe_load(value) if value else ""
+    return options
 
 
 def parse_terms(value: str | None) -> list[str] | None:
@@ -336,6 +353,10 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes. [default: 2]")
 @click.option("--device", default=None, help="auto, cpu, cuda ... [default: auto]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing (or partial) store instead of refusing / resuming.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="An fsspec storage option for a store at a URL, e.g. endpoint_url=http://minio:9000 (repeat "
+                   "for more; dotted keys nest). Credentials come from the usual places (AWS_* environment "
+                   "variables, ~/.aws, an instance role) and are never printed.")
 @click.pass_context
 def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str | None, data_root: str | None,
                       teacher: str, teacher_arch: str | None, num_classes: int | None, split: str, cache: str | None,
@@ -344,14 +365,16 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
                       features: bool | None, feature_projection: int | None, projection_images: int | None,
                       precision: str | None, crop_size: str | None, scale_range: str | None, flip: bool | None,
                       workers: int | None,
-                      device: str | None, overwrite: bool) -> None:
-    """Run the teacher once over a split and write its outputs to a Zarr v3 store.
+                      device: str | None, overwrite: bool, storage_options: tuple[str, ...]) -> None:
+    """Run the teacher once over a split and write its outputs to a Zarr v3 store: a directory, a
+    .zip, or a URL on object storage (s3://bucket/prefix/name.zarr; pip install 'skd[s3]').
 
     Stores 8-bit log-probabilities at output stride 8 (at each of --levels), max-pooled PSP features
     (or their PCA coordinates, --feature-projection),
     optionally a bank of --views augmented training crops with the teacher's maps on each, image ids,
     per-image done flags and JSON provenance. An interrupted run resumes where it stopped.
     """
+    from pipeline.cache.store import redact
     from pipeline.cache.views import view_spec
     from pipeline.cache.writer import cache_teacher
     from pipeline.data import build_dataset
@@ -383,9 +406,9 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
                              view_bank=view_spec(cfg.data.augment(), c.views) if c.views else None, precision=c.precision,
                              features=c.features, feature_projection=c.feature_projection,
                              projection_images=c.projection_images, workers=cfg.data.workers, overwrite=overwrite,
-                             progress=ctx.obj["progress"])
+                             progress=ctx.obj["progress"], storage_options=parse_storage_options(storage_options))
     if main:
-        click.echo(f"teacher cache written to {path}")
+        click.echo(f"teacher cache written to {redact(str(path))}")
 
 
 @cli.command("evaluate")

@@ -1,5 +1,5 @@
-"""A store's life on a local path, from its first shard to its place: lock, create, resume,
-overwrite-swap, finalise (as a directory or a zip).
+"""A store's life, from its first shard to its place: lock, create, resume, overwrite-swap,
+finalise; on a local path (as a directory or a zip) or on object storage (a URL).
 
 The final path never holds a half-written store. A run writes ``<store>.partial`` (laid out first
 in ``<store>.partial.creating`` and renamed, so a partial store always has all its arrays), flags
@@ -7,6 +7,13 @@ each shard done once it is on disk, and only when every shard is done marks the 
 and moves it into place. A re-run of the same command resumes the partial store, also when that
 command replaces an older store (``--overwrite``), which stays usable until the new one is
 complete. ``cache-teacher`` runs this; the teacher itself is ``pipeline.cache.writer``'s.
+
+Object storage has no rename (``ObjectStoreLifecycle``): a new store is written in place, each
+shard whole as one object, flagged done after it, and ``complete: true`` is written last; readers
+refuse a store that is not complete. A replacement (``--overwrite``) is written beside the old
+store, at ``<url>.partial``, and copied over it (server-side) once complete; while it is copied
+the store at the URL reads as incomplete, never as a mix, and an interrupted copy is finished by
+the next run. One writer at a time holds a lease object (``pipeline.cache.lock.ObjectLease``).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from typing import Any
 
 import zarr
 
-from pipeline.cache.lock import WriterLock
+from pipeline.cache.lock import ObjectLease, WriterLock
 from pipeline.errors import SkdError
 from pipeline.faults import fault_point
 
@@ -85,9 +92,112 @@ class LocalStoreLifecycle:
         os.replace(self.creating, self.partial)
         return zarr.open_group(str(self.partial), mode="r+")
 
+    def target(self) -> zarr.Group:
+        """The store this run writes (the partial store), opened for writing."""
+        return zarr.open_group(str(self.partial), mode="r+")
+
     def finalise(self) -> None:
         """Mark the partial store complete and move it into place (see ``finalize``)."""
         finalize(self.partial, self.final)
+
+
+class ObjectStoreLifecycle:
+    """The store at a URL (s3://, gs://, ... through fsspec) and, while it is replaced, ``<url>.partial``."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        import fsspec
+
+        from pipeline.cache.store import redact
+
+        self.final, self.options = url.rstrip("/"), dict(storage_options or {})
+        self.partial = self.final + ".partial"
+        self.where = redact(self.final)
+        self.fs, self.path = fsspec.core.url_to_fs(self.final, **self.options)
+        self.writing = self.final
+
+    def lock(self) -> ObjectLease:
+        return ObjectLease(self.fs, self.path + ".lease", self.where)
+
+    def _attributes(self, url: str) -> dict | None:
+        """A store's attributes, or None where there is no store (or one whose layout was cut short)."""
+        path = self.fs._strip_protocol(url)
+        if not self.fs.exists(path + "/zarr.json"):
+            return None
+        group = zarr.open_group(url, mode="r", storage_options=self.options, zarr_format=3)
+        # ``done`` is the last array a store is created with: without it, creating it was cut short.
+        return dict(group.attrs) if "done" in group.array_keys() else None
+
+    def begin(self, identity: dict[str, Any], create: Callable[[str], None], overwrite: bool) -> zarr.Group | None:
+        """As ``LocalStoreLifecycle.begin``: the store this run writes (None: already complete)."""
+        self._finish_interrupted_swap()
+        existing = self._attributes(self.final)
+        if existing is not None and not differences(existing, identity):
+            if existing.get("complete") and not overwrite:
+                return None
+            if not existing.get("complete"):  # this run's own store, interrupted: resume in place
+                return self.target()
+        if existing is not None and not overwrite:
+            raise SkdError(f"{self.where} already exists (from another teacher, data or setting): pass --overwrite "
+                           "to replace it")
+        # A new store in place, or a replacement beside the old one (which stays readable meanwhile).
+        self.writing = self.final if existing is None else self.partial
+        partial = self._attributes(self.writing)
+        if partial is not None and not differences(partial, identity):
+            return self.target()
+        self._remove(self.writing)
+        create(self.writing)
+        return self.target()
+
+    def target(self) -> zarr.Group:
+        return zarr.open_group(self.writing, mode="r+", storage_options=self.options, zarr_format=3)
+
+    def finalise(self) -> None:
+        """``complete: true`` written last; a replacement is first copied over the old store."""
+        if self.writing == self.partial:
+            self._swap()
+        else:
+            self.target().attrs["complete"] = True
+
+    def _swap(self) -> None:
+        """Replace the store at the URL by the complete one at ``.partial``: the URL's root metadata
+        first says "incomplete, being replaced" (readers refuse it), then the old objects go, the new
+        ones are copied server-side, the metadata says complete, and the partial store is removed."""
+        final, partial = self.fs._strip_protocol(self.final), self.fs._strip_protocol(self.partial)
+        new = zarr.open_group(self.partial, mode="r+", storage_options=self.options, zarr_format=3)
+        new.attrs["complete"] = True  # whole: an interrupted swap is finished from it by the next run
+        marker = new.attrs.asdict()
+        group = zarr.open_group(self.final, mode="r+", storage_options=self.options, zarr_format=3)
+        group.attrs.update({**marker, "complete": False, "replaced_by": "partial"})
+        fault_point("finalize")
+        for key in self.fs.find(final):
+            if not key.endswith(final + "/zarr.json"):
+                self.fs.rm_file(key)
+        for key in self.fs.find(partial):
+            if not key.endswith(partial + "/zarr.json"):
+                self.fs.copy(key, final + key[len(partial):])
+        group = zarr.open_group(self.final, mode="r+", storage_options=self.options, zarr_format=3)
+        group.attrs.put({**marker, "complete": True})
+        self._remove(self.partial)
+
+    def _finish_interrupted_swap(self) -> None:
+        existing = self._attributes(self.final)
+        if existing is not None and existing.get("replaced_by") and (self._attributes(self.partial) or {}).get("complete"):
+            log.info("%s: finishing the replacement an earlier run was stopped in", self.where)
+            self.writing = self.partial
+            self._swap()
+
+    def _remove(self, url: str) -> None:
+        path = self.fs._strip_protocol(url)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+        self.fs.invalidate_cache(path)
+
+
+def store_lifecycle(out: str | Path, storage_options: dict | None = None) -> LocalStoreLifecycle | ObjectStoreLifecycle:
+    """The life cycle of the store at ``out``: a local path, or a URL."""
+    if "://" in str(out):
+        return ObjectStoreLifecycle(str(out), storage_options)
+    return LocalStoreLifecycle(out)
 
 
 def pending_shards(group: zarr.Group) -> list[tuple[int, int]]:

@@ -1,14 +1,24 @@
-"""One writer per store: ``cache-teacher`` holds an exclusive lock on ``<store>.lock`` while it runs."""
+"""One writer per store: ``cache-teacher`` holds an exclusive lock on ``<store>.lock`` (a local
+store) or a lease object ``<store>.lease`` (a store on object storage) while it runs."""
 
 from __future__ import annotations
 
 import fcntl
+import json
+import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
 from pipeline.errors import SkdError
+
+log = logging.getLogger(__name__)
+
+# How long a lease on object storage holds without renewal: a writer that crashed is out of the way
+# this long after its last renewal. The holder renews it every third of this.
+LEASE_SECONDS = 600.0
 
 
 class WriterLock:
@@ -60,3 +70,75 @@ class WriterLock:
             self.path.unlink(missing_ok=True)
         finally:
             self.file.close()  # releases the lock
+
+
+class ObjectLease:
+    """A lease object ``<store>.lease`` on object storage, created with a conditional put (If-None-Match:
+    a second writer's create fails), naming its holder, host and start, with an expiry.
+
+    The holder renews it in a background thread (a put conditional on the lease's ETag, so a lease
+    taken over meanwhile is not overwritten) and deletes it at the end. A lease past its expiry is
+    stale (its writer crashed): the next writer deletes that very lease (conditional on its ETag)
+    and takes a new one. Expiries are the writers' clocks: keep them roughly in time (NTP).
+    """
+
+    def __init__(self, fs, key: str, where: str, seconds: float = LEASE_SECONDS):
+        self.fs, self.key, self.where, self.seconds = fs, key, where, seconds
+        self.etag: str | None = None
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self.holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+
+    def _body(self) -> bytes:
+        return json.dumps({"holder": self.holder, "expires": time.time() + self.seconds}).encode()
+
+    def __enter__(self) -> "ObjectLease":
+        for _ in range(2):
+            try:
+                self.fs.pipe_file(self.key, self._body(), mode="create")
+                self.etag = self.fs.info(self.key, refresh=True)["ETag"]
+                break
+            except FileExistsError:
+                self._remove_if_stale()
+        else:
+            raise SkdError(f"{self.where}: another writer took the store's lease at the same time; try again")
+        self._renewer = threading.Thread(target=self._renew, name="lease-renewal", daemon=True)
+        self._renewer.start()
+        return self
+
+    def _remove_if_stale(self) -> None:
+        try:
+            held = json.loads(self.fs.cat_file(self.key))
+            etag = self.fs.info(self.key, refresh=True)["ETag"]
+        except FileNotFoundError:
+            return  # released meanwhile
+        if held["expires"] > time.time():
+            until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held["expires"]))
+            raise SkdError(f"{self.where} is being written by {held['holder']} (its lease holds until {until}, "
+                           "renewed while it runs): wait for that run to finish or stop it; a lease whose "
+                           f"writer died expires by itself within {self.seconds / 60:g} minutes")
+        log.warning("%s: taking over the expired lease of %s", self.where, held["holder"])
+        self._delete(etag)
+
+    def _delete(self, etag: str | None) -> None:
+        bucket, key, _ = self.fs.split_path(self.key)
+        if etag is not None:  # only that very lease, not one another writer took since
+            try:
+                self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag)
+            except (OSError, FileNotFoundError):
+                pass  # someone else's lease now, or gone: the conditional create decides
+        self.fs.invalidate_cache(self.key)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            try:
+                self.fs.pipe_file(self.key, self._body(), IfMatch=self.etag)
+                self.etag = self.fs.info(self.key, refresh=True)["ETag"]
+            except Exception as exc:  # noqa: BLE001 -- a missed renewal is retried; the expiry has margin
+                log.warning("%s: renewing the writer's lease failed (%s)", self.where, type(exc).__name__)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        self._delete(self.etag)

@@ -80,8 +80,10 @@ def create_store(
     features: bool = True,
     shard_images: int = SHARD_IMAGES,
     projection: Projection | None = None,
+    storage_options: dict | None = None,
 ) -> zarr.Group:
-    """Create an empty store at ``path`` (a local directory) with all arrays and attributes.
+    """Create an empty store at ``path`` (a local directory, or a URL opened with ``storage_options``)
+    with all arrays and attributes.
 
     With a ``projection`` the features are stored as their coordinates on its ``k`` directions
     (``feature_channels`` is then the teacher's channel count; the arrays hold ``k``), and the
@@ -102,7 +104,8 @@ def create_store(
         view_count=views["count"] if views else 0, view_crop=tuple(views["crop_size"]) if views else None,
         projection_channels=len(projection.mean) if projection is not None else None)
     shard = fitting_shard_images(layout, shard_images)
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3,
+                            **({"storage_options": storage_options} if is_url(str(path)) else {}))
     group.attrs.update(
         {**provenance, "format": FORMAT, "format_version": FORMAT_VERSION, "output_stride": OUTPUT_STRIDE,
          "feature_pool": feature_pool, "feature_stride": OUTPUT_STRIDE * feature_pool, "features": features,

@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline.cache.codecs import encode_features, quantise_log_probs
-from pipeline.cache.lifecycle import LocalStoreLifecycle, pending_shards
+from pipeline.cache.lifecycle import LocalStoreLifecycle, ObjectStoreLifecycle, pending_shards, store_lifecycle
 from pipeline.cache.projection import Projection, fit_projection
 from pipeline.cache.schema import SHARD_IMAGES, level_array
-from pipeline.cache.store import FEATURE_ARRAYS, create_store, read_layout, read_projection
+from pipeline.cache.store import FEATURE_ARRAYS, create_store, read_layout, read_projection, redact
 from pipeline.cache.views import crop_params, draw_views
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, apply_jitter, apply_params, normalize
 from pipeline.device import set_cpu_threads
@@ -93,7 +93,8 @@ def cache_teacher(
     write_threads: int = 4,
     overwrite: bool = False,
     progress: bool = True,
-) -> Path:
+    storage_options: dict | None = None,
+) -> str | Path:
     """Write ``teacher``'s outputs on every image of ``dataset`` to the store ``out``.
 
     ``scales``/``flip``: test-time augmentation averaged into each stored map. ``window``: run the
@@ -116,13 +117,12 @@ def cache_teacher(
     of the shards not yet done and writes only those, and rank 0 finalises once all are written. The
     store is the one a single process writes (batches never cross a shard), at any world size.
     """
-    out = Path(out)
     if features and feature_projection > teacher.feature_channels:
         # Said before the teacher runs (the fit would find it only after a pass over the images).
         raise SkdError(f"--feature-projection {feature_projection} asks for more channels than the teacher's "
                        f"{teacher.feature_channels} features have; nothing was written")
     world = parallel.current()
-    lifecycle = LocalStoreLifecycle(out)
+    lifecycle = store_lifecycle(out, storage_options)
     with contextlib.ExitStack() as held:
         # Rank 0 alone touches the store's layout, holding the store's writer lock until it is
         # finalised; the other ranks learn the outcome (or the error) from it.
@@ -132,9 +132,9 @@ def cache_teacher(
                 held.enter_context(lifecycle.lock())
                 todo = _open_or_create(lifecycle, teacher, teacher_info, dataset, feature_pool, scales, flip, window,
                                        levels, view_bank, precision, features, shard_images, overwrite,
-                                       feature_projection, projection_images, device, progress)
+                                       feature_projection, projection_images, device, progress, storage_options)
             except OSError as exc:  # a read-only folder, a full disk, a path that is a file
-                setup_error = SkdError(f"cannot write the store {out}: {exc.strerror or exc}"
+                setup_error = SkdError(f"cannot write the store {redact(str(out))}: {exc.strerror or exc}"
                                        f"{f' ({exc.filename})' if exc.filename else ''}; nothing was changed")
             except Exception as exc:
                 setup_error = exc
@@ -145,7 +145,7 @@ def cache_teacher(
             raise SkdError(f"rank 0 stopped: {shared}")
         todo = parallel.broadcast_object(todo)
         if todo is None:
-            log.info("%s is already complete, from the same teacher, data and settings: nothing to do", out)
+            log.info("%s is already complete, from the same teacher, data and settings: nothing to do", redact(out))
             return out
         _write_shards(teacher, dataset, lifecycle, todo, world, batch_size=batch_size, device=device,
                       feature_pool=feature_pool, scales=scales, flip=flip, window=window, view_bank=view_bank,
@@ -154,12 +154,13 @@ def cache_teacher(
     return out
 
 
-def _write_shards(teacher: nn.Module, dataset, lifecycle: LocalStoreLifecycle, todo: list[tuple[int, int]],
+def _write_shards(teacher: nn.Module, dataset, lifecycle: LocalStoreLifecycle | ObjectStoreLifecycle,
+                  todo: list[tuple[int, int]],
                   world: parallel.World, *, batch_size: int, device: torch.device | str, feature_pool: int,
                   scales: Sequence[float], flip: bool, window: tuple[int, int] | None, view_bank: dict | None,
                   precision: str, features: bool, workers: int, write_threads: int, progress: bool) -> None:
     """Run the teacher on this rank's share of the shards ``todo`` and write them; rank 0 finalises."""
-    group = zarr.open_group(str(lifecycle.partial), mode="r+")
+    group = lifecycle.target()
     layout = read_layout(group)
     mine = todo[world.rank :: world.size]  # shards not yet done, dealt out over the ranks
     pending = [i for a, b in mine for i in range(a, b)]
@@ -175,7 +176,7 @@ def _write_shards(teacher: nn.Module, dataset, lifecycle: LocalStoreLifecycle, t
     specs = [spec for spec in layout.specs() if spec.written_by == "writer"]
     writes = _BoundedWrites(write_threads)
     shards = _ShardBuffers(group, [spec.name for spec in specs], layout.shard_images, layout.images, writes,
-                           lifecycle.partial)
+                           redact(str(lifecycle.final)))
     desc = "cache-teacher" + (f" (rank 0 of {world.size})" if world.size > 1 else "")
     with tqdm(total=len(pending), desc=desc, unit="img", disable=not progress) as bar, writes:
         for batch in loader:
@@ -205,15 +206,15 @@ def _write_shards(teacher: nn.Module, dataset, lifecycle: LocalStoreLifecycle, t
     parallel.barrier()  # every rank's shards are on disk
     if world.main:
         lifecycle.finalise()
-        log.info("wrote %s", lifecycle.final)
+        log.info("wrote %s", redact(str(lifecycle.final)))
     parallel.barrier()  # no rank returns before the store is in place
 
 
-def _open_or_create(lifecycle: LocalStoreLifecycle, teacher: nn.Module, teacher_info: dict[str, Any], dataset,
+def _open_or_create(lifecycle: LocalStoreLifecycle | ObjectStoreLifecycle, teacher: nn.Module, teacher_info: dict[str, Any], dataset,
                     feature_pool: int, scales: Sequence[float], flip: bool, window: tuple[int, int] | None,
                     levels: Sequence[float], view_bank: dict | None, precision: str, features: bool, shard_images: int,
                     overwrite: bool, feature_projection: int, projection_images: int, device: torch.device | str,
-                    progress: bool) -> list[tuple[int, int]] | None:
+                    progress: bool, storage_options: dict | None) -> list[tuple[int, int]] | None:
     """Create the partial store or resume it; returns the shards (start, stop) not yet done, or
     None when the store is already this very store, complete (a re-run of a finished command)."""
     provenance = {
@@ -233,21 +234,21 @@ def _open_or_create(lifecycle: LocalStoreLifecycle, teacher: nn.Module, teacher_
     }
     provenance = json.loads(json.dumps(provenance))  # compare as it reads back from JSON attributes
 
-    def create(path: Path) -> None:
+    def create(path: str | Path) -> None:
         image_hw = np.array([dataset.image_size(i) for i in range(len(dataset))], dtype=np.int32)
         projection = (fit_projection(teacher, dataset, feature_projection, feature_pool=feature_pool,
                                      images=projection_images, device=device, precision=precision, progress=progress)
                       if features and feature_projection else None)
         create_store(path, {**provenance, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, image_hw,
                      teacher_info["num_classes"], teacher.feature_channels, feature_pool, levels, features=features,
-                     shard_images=shard_images, projection=projection)
+                     shard_images=shard_images, projection=projection, storage_options=storage_options)
 
     group = lifecycle.begin({**provenance, "feature_pool": feature_pool, "features": features}, create, overwrite)
     if group is None:
         return None
     done = group["done"][:]
     if done.any():
-        log.info("resuming %s: %d of %d images already cached", lifecycle.partial, int(done.sum()), len(done))
+        log.info("resuming %s: %d of %d images already cached", redact(str(lifecycle.final)), int(done.sum()), len(done))
     return pending_shards(group)
 
 
@@ -261,7 +262,7 @@ class _ShardBuffers:
     that writes every array's shard and then the shard's ``done`` flags. So each shard file is
     written once, by one writer, and nothing is flagged before it is on disk."""
 
-    def __init__(self, group: zarr.Group, names: list[str], shard: int, n: int, writes: "_BoundedWrites", where: Path):
+    def __init__(self, group: zarr.Group, names: list[str], shard: int, n: int, writes: "_BoundedWrites", where: str):
         self.where = where
         self.arrays = {name: group[name] for name in names}
         self.done = group["done"]
@@ -284,7 +285,7 @@ class _ShardBuffers:
 
 
 def _write_shard(arrays: dict[str, zarr.Array], buffers: dict[str, np.ndarray], done: zarr.Array,
-                 start: int, stop: int, where: Path) -> None:
+                 start: int, stop: int, where: str) -> None:
     try:
         for k, (name, array) in enumerate(arrays.items()):
             if k == 1:
