@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,18 @@ def tiny_teacher(tmp_path: Path) -> Path:
     path = tmp_path / "teacher.pt"
     save_checkpoint(path, {"arch": arch, "model": model.state_dict()})
     return path
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """``skd ARGS`` through ``cli.main()`` in this process: (exit code, stdout, stderr)."""
+    import cli
+
+    monkeypatch.setattr(sys, "argv", ["skd", *args])
+    capsys.readouterr()
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err

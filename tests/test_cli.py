@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import cli as skd
-from conftest import CAMVID, TINY_DATA
+from conftest import CAMVID, TINY_DATA, run_main
 from pipeline.cache.store import TeacherStore
 from pipeline.errors import SkdError
 from pipeline.train.checkpoint import model_from_checkpoint
@@ -41,19 +41,6 @@ def run_ok(*args: str) -> str:
     result = run_process(*args)
     assert result.returncode == 0, f"skd {' '.join(args)} failed:\n{result.stderr}"
     return result.stdout
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """``skd ARGS`` through ``cli.main()`` in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["skd", *args])
-    capsys.readouterr()
-    try:
-        skd.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_user_error(code: int, err: str, *fragments: str) -> str:

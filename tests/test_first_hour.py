@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 import cli as skd
+from conftest import run_main
 from pipeline.cache.writer import cache_teacher
 from pipeline.data import build_dataset
 from pipeline.models import build_model
@@ -24,19 +25,6 @@ from pipeline.train.checkpoint import save_checkpoint
 NAMES = ["road", "car", "sky"]
 PALETTE = [[128, 64, 128], [0, 0, 142], [70, 130, 180]]
 ARCH = {"name": "pspnet_resnet18", "num_classes": 3, "width": 0.125}
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """``skd ARGS`` through ``cli.main()`` in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["skd", *args])
-    capsys.readouterr()
-    try:
-        skd.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_error_line(code: int, err: str) -> str:

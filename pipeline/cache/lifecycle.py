@@ -47,6 +47,7 @@ class LocalStoreLifecycle:
         self.partial = self.final.with_name(self.final.name + ".partial")
         self.old = self.final.with_name(self.final.name + ".old")
         self.creating = self.partial.with_name(self.partial.name + ".creating")
+        self.writing = self.partial  # where this run writes (object storage may write in place)
 
     def lock(self) -> WriterLock:
         """One writer at a time: held from opening the store to finalising it."""
@@ -94,7 +95,7 @@ class LocalStoreLifecycle:
 
     def target(self) -> zarr.Group:
         """The store this run writes (the partial store), opened for writing."""
-        return zarr.open_group(str(self.partial), mode="r+")
+        return zarr.open_group(str(self.writing), mode="r+")
 
     def finalise(self) -> None:
         """Mark the partial store complete and move it into place (see ``finalize``)."""

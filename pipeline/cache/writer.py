@@ -144,6 +144,7 @@ def cache_teacher(
         if shared is not None:
             raise SkdError(f"rank 0 stopped: {shared}")
         todo = parallel.broadcast_object(todo)
+        lifecycle.writing = parallel.broadcast_object(lifecycle.writing)  # rank 0 decided where the shards go
         if todo is None:
             log.info("%s is already complete, from the same teacher, data and settings: nothing to do", redact(out))
             return out
