@@ -26,6 +26,8 @@ from pipeline.faults import fault_point
 from pipeline.models import build_model
 from pipeline.models.weights import load_state, read_checkpoint, state_dict_of
 
+log = logging.getLogger(__name__)
+
 load_checkpoint = read_checkpoint  # skd checkpoints are plain dicts of tensors and numbers
 
 
@@ -61,8 +63,6 @@ def model_from_checkpoint(path: str | Path, arch: dict[str, Any] | None = None) 
     load_state(model, state_dict_of(state, path), path, strict=True)
     return model.eval(), arch
 
-
-log = logging.getLogger(__name__)
 
 # Settings a resumed run may change: where the data lies, how the run is executed and how it
 # reports. Each leaves the sequence of steps as it is (samples are seeded by (seed, epoch, index),
