@@ -683,6 +683,22 @@ def cache_stats(ctx: click.Context, store: str, labels: str | None, config_path:
         write_json()
 
 
+@cli.command("cache-list")
+@click.argument("url")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="An fsspec storage option for a URL, e.g. endpoint_url=http://minio:9000 (repeat for more).")
+@click.option("--output", type=click.Path(), default=None, help="Also write the list as JSON here.")
+def cache_list(url: str, storage_options: tuple[str, ...], output: str | None) -> None:
+    """The teacher stores under URL (a folder, or a bucket prefix such as s3://team/camvid): teacher,
+    weights hash, dataset and split, images, levels, views, complete, size. A team's catalogue."""
+    from pipeline.cache.catalogue import format_catalogue, list_stores
+
+    rows = list_stores(url, parse_storage_options(storage_options))
+    click.echo(format_catalogue(rows))
+    if output:
+        Path(output).write_text(json.dumps(rows, indent=2))
+
+
 @cli.command("cache-pack")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))

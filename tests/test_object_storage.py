@@ -171,3 +171,17 @@ def test_the_command_line_writes_to_and_verifies_a_bucket(bucket, tmp_path, monk
     assert fs.exists(f"{name}/cli.zarr/zarr.json") and not (tmp_path / "s3:").exists()
     monkeypatch.setenv("AWS_ENDPOINT_URL", options["endpoint_url"])
     skd("cache-verify", url)
+
+
+def test_cache_list_catalogues_the_stores_under_a_prefix(bucket, teacher):
+    from pipeline.cache.catalogue import list_stores
+
+    fs, name, options = bucket
+    cache(teacher, f"s3://{name}/team/a.zarr", options)
+    cache(teacher, f"s3://{name}/team/sub/b.zarr", options, levels=(1.0, 2.0))
+    fs.pipe_file(f"{name}/team/notes.txt", b"not a store")
+    rows = list_stores(f"s3://{name}/team", options)
+    assert [row["store"] for row in rows] == [f"s3://{name}/team/a.zarr", f"s3://{name}/team/sub/b.zarr"]
+    assert [row["levels"] for row in rows] == [[1.0], [1.0, 2.0]]
+    assert all(row["complete"] and row["images"] == OPTIONS["length"] and row["dataset"] == "synthetic/train"
+               and row["weights_sha256"] == "0" * 64 and row["bytes"] > 0 for row in rows)
