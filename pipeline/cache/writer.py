@@ -177,7 +177,7 @@ def _write_shards(teacher: nn.Module, dataset, lifecycle: LocalStoreLifecycle | 
     specs = [spec for spec in layout.specs() if spec.written_by == "writer"]
     writes = _BoundedWrites(write_threads)
     shards = _ShardBuffers(group, [spec.name for spec in specs], layout.shard_images, layout.images, writes,
-                           redact(str(lifecycle.final)))
+                           redact(str(lifecycle.writing)))
     desc = "cache-teacher" + (f" (rank 0 of {world.size})" if world.size > 1 else "")
     with tqdm(total=len(pending), desc=desc, unit="img", disable=not progress) as bar, writes:
         for batch in loader:
