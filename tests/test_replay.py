@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import pipeline.data.samples as samples_module
-from pipeline.cache.replay import replay_targets, valid_mask
+from pipeline.cache.replay import replay_targets
+from pipeline.data.transforms import valid_mask
 from pipeline.data.samples import TrainingSamples, collate
 from pipeline.cache.lifecycle import finalize
 from pipeline.cache.store import TeacherStore, create_store

@@ -18,7 +18,7 @@ from pipeline.cache.schema import TILE, StoreLayout, store_arrays
 from pipeline.cache.stats import store_stats
 from pipeline.cache.store import TeacherStore, create_store
 from pipeline.cache.verify import verify_store
-from pipeline.cache.views import draw_views
+from pipeline.data.views import draw_views
 
 VIEWS = {"count": 3, "crop_size": [24, 40], "scale_range": [0.5, 1.5], "flip": True, "color_jitter": 0.2, "seed": 0}
 
@@ -165,7 +165,7 @@ def tiny_ade_teacher():
 
 
 def test_verify_finds_a_missing_view_shard_and_missing_view_crops(tmp_path, ade, tiny_ade_teacher):
-    from pipeline.cache.views import view_spec
+    from pipeline.data.views import view_spec
     from pipeline.data.transforms import AugmentConfig
 
     views = view_spec(AugmentConfig((32, 32), (0.75, 1.25), True, 0.1), 2)
@@ -202,7 +202,7 @@ def test_stats_of_a_variable_size_store_count_only_each_images_extent(tmp_path, 
 
 
 def test_draws_recorded_in_a_store_are_the_banks_seeded_draws(tmp_path, ade, tiny_ade_teacher):
-    from pipeline.cache.views import view_spec
+    from pipeline.data.views import view_spec
     from pipeline.data.transforms import AugmentConfig
 
     views = view_spec(AugmentConfig((32, 32), (0.75, 1.25), True, 0.1), 2, seed=3)

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from conftest import TINY_DATA
-from pipeline.cache.views import view_for_epoch, view_spec
+from pipeline.data.views import view_for_epoch, view_spec
 from pipeline.cache.writer import cache_teacher
 from pipeline.config import Config, load_config, merge
 from pipeline.data import build_dataset

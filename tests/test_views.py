@@ -12,7 +12,7 @@ import zarr
 from pipeline.cache.replay import replay_targets
 from pipeline.data.samples import TrainingSamples, collate
 from pipeline.cache.store import TeacherStore
-from pipeline.cache.views import view_for_epoch, view_spec
+from pipeline.data.views import view_for_epoch, view_spec
 from pipeline.cache.writer import cache_teacher
 from pipeline.config import Config, merge
 from pipeline.data import build_dataset

@@ -170,11 +170,11 @@ class ObjectStoreLifecycle:
         group = zarr.open_group(self.final, mode="r+", storage_options=self.options, zarr_format=3)
         group.attrs.update({**marker, "complete": False, "replaced_by": "partial"})
         fault_point("finalize")
-        for key in self.fs.find(final):
-            if not key.endswith(final + "/zarr.json"):
-                self.fs.rm_file(key)
+        old = [key for key in self.fs.find(final) if key != final + "/zarr.json"]
+        if old:
+            self.fs.rm(old)  # batched deletes
         for key in self.fs.find(partial):
-            if not key.endswith(partial + "/zarr.json"):
+            if key != partial + "/zarr.json":
                 self.fs.copy(key, final + key[len(partial):])
         group = zarr.open_group(self.final, mode="r+", storage_options=self.options, zarr_format=3)
         group.attrs.put({**marker, "complete": True})

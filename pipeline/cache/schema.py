@@ -196,7 +196,7 @@ def store_arrays(layout: StoreLayout) -> list[ArraySpec]:
                           inner=(1, *feat_hw), added_in="position scales"),
             ]
         specs += [
-            # A view's crop and jitter are drawn from a seed (pipeline.cache.views): verify draws them again.
+            # A view's crop and jitter are drawn from a seed (pipeline.data.views): verify draws them again.
             ArraySpec("view_crops", ("view", "param"), (views, 5), "int32",
                       "per view: scaled height, scaled width, crop top, crop left, flip (0/1)", fill=0, verify="drawn"),
             ArraySpec("view_jitter", ("view", "factor"), (views, 3), "float32",

@@ -14,6 +14,7 @@ offsets were 0 and position scales 1.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -303,9 +304,9 @@ class TeacherStore:
         position = self._read(position_array, index, region, whole=True) if position_array in self._names else None
         return decode_features(stored, scale, offset, position)
 
-    @property
+    @functools.cached_property
     def layout(self) -> StoreLayout:
-        """The layout the store's arrays follow (``pipeline.cache.schema``)."""
+        """The layout the store's arrays follow (``pipeline.cache.schema``), read once."""
         return read_layout(self.group)
 
     def specs(self) -> list[ArraySpec]:

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from pipeline.cache.schema import ArraySpec
 from pipeline.cache.store import TeacherStore, scrub
-from pipeline.cache.views import draw_views
+from pipeline.data.views import draw_views
 
 # Attributes a store cannot be used without.
 REQUIRED_ATTRS = ("teacher", "dataset", "preprocessing", "feature_pool", "format_version")

@@ -25,7 +25,7 @@ from pipeline.cache.lifecycle import LocalStoreLifecycle, ObjectStoreLifecycle, 
 from pipeline.cache.projection import Projection, fit_projection
 from pipeline.cache.schema import SHARD_IMAGES, level_array
 from pipeline.cache.store import FEATURE_ARRAYS, create_store, read_layout, read_projection, redact
-from pipeline.cache.views import crop_params, draw_views
+from pipeline.data.views import crop_params, draw_views
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, apply_jitter, apply_params, normalize
 from pipeline.device import set_cpu_threads
 from pipeline.errors import SkdError
@@ -101,7 +101,7 @@ def cache_teacher(
     teacher as sliding windows of this size (e.g. its training crop) rather than on whole images.
     ``levels``: also store the map of the image resized by each of these scales (see
     ``create_store``), for training crops taken at those scales. ``view_bank``: also store a bank of
-    augmented training views with the teacher's maps on each (``pipeline.cache.views.view_spec``);
+    augmented training views with the teacher's maps on each (``pipeline.data.views.view_spec``);
     the teacher runs on each view as it is, with no test-time augmentation, as an online teacher would.
     ``precision``: "fp32", or "bf16" to run the teacher under bfloat16 autocast (recorded in the
     provenance; docs/BENCHMARKS.md measures what it changes). ``feature_projection`` k > 0 stores the

@@ -15,17 +15,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache.replay import cache_window, valid_mask
-from pipeline.cache.store import TeacherStore, logit_size
-from pipeline.cache.views import crop_params, view_for_epoch
-from pipeline.data.transforms import AugmentConfig, apply_jitter, apply_params, crop_box, sample_jitter, sample_params
+from pipeline.data.transforms import (AugmentConfig, apply_jitter, apply_params, cache_window, crop_box, sample_jitter,
+                                      sample_params, valid_mask)
+from pipeline.data.views import crop_params, view_for_epoch
 from pipeline.inference import OUTPUT_STRIDE, output_size, scaled_size
 
 
 class TrainingSamples(torch.utils.data.Dataset):
     """Augmented samples of ``dataset`` with, when a store is given, the cached teacher maps under them.
 
-    Items: ``image`` uint8 3×h×w, ``label`` int64 h×w, ``valid`` bool mask on the output grid, and
+    ``store`` is a ``pipeline.cache.store.TeacherStore`` (read through its methods only; the
+    data floor does not import the cache's). Items: ``image`` uint8 3×h×w, ``label`` int64 h×w, ``valid`` bool mask on the output grid, and
     with a store ``teacher_log_probs`` / ``teacher_features`` (float32 windows of the cache) with their
     boxes ``logit_box`` / ``feature_box`` in window coordinates and ``flip``, whether replay must
     mirror them. ``features=False`` skips reading the features (nothing needs them without
@@ -33,7 +33,7 @@ class TrainingSamples(torch.utils.data.Dataset):
     must exist) instead of augmenting afresh.
     """
 
-    def __init__(self, dataset, augment: AugmentConfig, store: TeacherStore | None = None, seed: int = 0,
+    def __init__(self, dataset, augment: AugmentConfig, store: "TeacherStore | None" = None, seed: int = 0,
                  features: bool = True, use_view_bank: bool = False):
         if use_view_bank and not (store is not None and store.views):
             raise ValueError("use_view_bank=True needs a store with a bank of views")
@@ -94,13 +94,13 @@ class TrainingSamples(torch.utils.data.Dataset):
         level_h, level_w = scaled_size(image_hw, level)
         to_cells = torch.tensor([level_w / image_hw[1], level_h / image_hw[0]] * 2, dtype=torch.float64) / OUTPUT_STRIDE
         cells = box * to_cells
-        rows, cols = cache_window(cells, logit_size(image_hw, level))
+        rows, cols = cache_window(cells, output_size((level_h, level_w)))
         offset = torch.tensor([cols.start, rows.start, cols.start, rows.start], dtype=torch.float64)
         targets = {"teacher_log_probs": torch.from_numpy(self.store.read_log_probs(index, level, (rows, cols))),
                    "logit_box": cells - offset}
         if self.features:
             pool = self.store.feature_pool
-            rows, cols = cache_window(box / OUTPUT_STRIDE, logit_size(image_hw), pool)
+            rows, cols = cache_window(box / OUTPUT_STRIDE, output_size(image_hw), pool)
             offset = torch.tensor([cols.start, rows.start, cols.start, rows.start], dtype=torch.float64)
             targets["teacher_features"] = torch.from_numpy(self.store.read_features(index, (rows, cols)))
             targets["feature_box"] = (box / OUTPUT_STRIDE - offset) / pool

@@ -10,6 +10,7 @@ augmentation whatever the number of loader workers, and a resumed run replays th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,3 +156,25 @@ def apply_jitter(image: torch.Tensor, factors: tuple[float, float, float]) -> to
     gray = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
     x = (x - gray) * s + gray
     return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def valid_mask(box: torch.Tensor, image_hw: tuple[int, int], out_hw: tuple[int, int]) -> torch.Tensor:
+    """True where an output pixel's centre lies inside the original image (box in image pixels)."""
+    x0, y0, x1, y1 = box.tolist()
+    ys = y0 + (torch.arange(out_hw[0], dtype=torch.float64) + 0.5) * (y1 - y0) / out_hw[0]
+    xs = x0 + (torch.arange(out_hw[1], dtype=torch.float64) + 0.5) * (x1 - x0) / out_hw[1]
+    return ((ys >= 0) & (ys < image_hw[0]))[:, None] & ((xs >= 0) & (xs < image_hw[1]))[None, :]
+
+
+def cache_window(box: torch.Tensor, map_hw: tuple[int, int], pool: int = 1) -> tuple[slice, slice]:
+    """Rows/cols of a cache grid under ``box`` (in that grid's cells) plus a one-cell margin for
+    interpolation, widened to the feature pooling grid so that features cut at the same place."""
+    x0, y0, x1, y1 = box.tolist()
+
+    def span(lo: float, hi: float, size: int) -> slice:
+        start = max(math.floor(lo) - 1, 0) // pool * pool
+        stop = min(math.ceil(hi) + 1, size)
+        stop = min(math.ceil(stop / pool) * pool, size)
+        return slice(start, max(stop, start + 1))
+
+    return span(y0, y1, map_hw[0]), span(x0, x1, map_hw[1])

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.cache.store import TeacherStore, redact
-from pipeline.cache.views import spec_augment
+from pipeline.data.views import spec_augment
 from pipeline.config import Config
 from pipeline.distill.losses import resolve_node_size
 from pipeline.distill.targets import CachedTargets, OnlineTargets
