@@ -375,7 +375,7 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
     per-image done flags and JSON provenance. An interrupted run resumes where it stopped.
     """
     from pipeline.cache.store import redact
-    from pipeline.cache.views import view_spec
+    from pipeline.data.views import view_spec
     from pipeline.cache.writer import cache_teacher
     from pipeline.data import build_dataset
     from pipeline.train.checkpoint import file_sha256, model_from_checkpoint
