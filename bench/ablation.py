@@ -16,6 +16,11 @@ WORK (default RESULTS/work), so RESULTS stays small (three files).
     python bench/ablation.py --scale gpu --mode seeds --seeds 1,2 --out results/seeds  # baseline and full, 2 seeds
     python bench/ablation.py --scale cpu --out runs/camvid-cpu                 # the same, 2-core CPU scale
     python bench/ablation.py --scale smoke --out runs/smoke                    # a minute: checks the script
+    # half-resolution CamVid on a 2-core CPU, 3 seeds of the four rows that matter (hours; resumable:
+    # a finished teacher, store or student in WORK is kept and not redone)
+    python bench/downscale_camvid.py ../shared/data/camvid runs/camvid-half
+    python bench/ablation.py --scale cpu-half --data runs/camvid-half --mode grid \
+        --rows baseline,pi,pi_pa_ho,pi_pa_ho_online --seeds 0,1,2 --out runs/camvid-cpu-half
     # baseline, +PI, +PI+PA+HO (cache) and +PI+PA+HO online for seeds 0, 1, 2, ... as long as they fit in
     # 400 s; 600 student iterations; evaluations in this process (bench/gpu_evidence.sh runs this)
     python bench/ablation.py --scale gpu --mode grid --rows baseline,pi_pa_ho,pi,pi_pa_ho_online \
@@ -79,6 +84,10 @@ SCALES = {
     # The 2-core CPU machine: small crops and short schedules (about an hour for the ablation).
     # (Level 1 only: a level-2 store in 128x160 windows is ~100 teacher passes per image on 2 cores.)
     "cpu": Scale(400, 300, "128x160", 8, 0.5, 1, "cpu", 1, 1800, 1800, 1800, "128x160", "1", "1", True, 8),
+    # CamVid at half resolution (bench/downscale_camvid.py; 240x180 images) on the 2-core CPU, long
+    # enough for a teacher worth distilling: teacher 3000 it (about 3 h), store with flip, 180x240
+    # windows, levels 1 and 2 and 8 views; students R18 x0.5, 800 it each.
+    "cpu-half": Scale(3000, 800, "180x240", 8, 0.5, 1, "cpu", 1, 14400, 3600, 7200, "180x240", "1,2", "1", True, 8),
     # A check that the script runs end to end (minutes on a CPU); its numbers mean nothing.
     "smoke": Scale(4, 4, "128x160", 2, 0.125, 0, "cpu", 2, 600, 600, 600, "360x480", "1", "1", False, 2),
 }
