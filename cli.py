@@ -493,6 +493,7 @@ def check_data_cmd(config_path: str | None, dataset: str | None, data_root: str 
     images (every image decoded in full, and JPEGs checked for damaged compressed data), missing or
     mis-sized labels, label values outside the class range. Exits non-zero when anything is wrong."""
     from pipeline.data import build_dataset, check_dataset
+    from pipeline.data.check import describe_pairing
 
     cfg = build_config(config_path, data={"dataset": dataset, "root": data_root})
     problems = 0
@@ -500,6 +501,8 @@ def check_data_cmd(config_path: str | None, dataset: str | None, data_root: str 
         ds = build_dataset(cfg.data.dataset, cfg.data.root, split, **cfg.data.options)
         found = check_dataset(ds)
         click.echo(f"{cfg.data.dataset}/{split}: {len(ds)} images, {len(found)} problem(s)")
+        if pairing := describe_pairing(ds):  # what was paired with what, before any problem
+            click.echo(f"  {pairing}")
         for p in found:  # under their own split's summary
             click.echo(f"  {p}")
         problems += len(found)

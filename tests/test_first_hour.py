@@ -128,7 +128,7 @@ def test_check_data_finds_random_bytes_in_the_middle_of_a_jpeg(monkeypatch, caps
         img.load()  # Pillow decodes it without a word: libjpeg conceals the damage
     code, out, _ = run_main(monkeypatch, capsys, "check-data", "--config", str(config))
     assert code == 1
-    lines = out.splitlines()
+    lines = [line for line in out.splitlines() if not line.startswith("  pairs: ")]
     assert lines[0] == "folder/train: 2 images, 1 problem(s)"
     assert lines[1].startswith("  ") and str(broken) in lines[1] and "corrupt" in lines[1]
     assert lines[2] == "folder/val: 1 images, 0 problem(s)"  # the problem sits under its own split
@@ -231,3 +231,91 @@ def test_predict_with_a_folder_datasets_classes_and_a_legend(monkeypatch, capsys
 
     code, _, err = run_main(monkeypatch, capsys, *args, "--dataset", "folder", "--data-root", str(root))
     assert code == 0, err
+
+
+# -- 2: Cityscapes-style roots, and what check-data paired ---------------------------------------------
+
+def make_cityscapes_style(root: Path) -> dict[str, np.ndarray]:
+    """``leftImg8bit/<split>/<city>/<frame>_leftImg8bit.png`` with ``gtFine/<split>/<city>/`` holding each
+    frame's ``_gtFine_labelIds.png`` beside a colour image and an instance map that must not be read.
+    Returns each frame's label array by id."""
+    rng = np.random.default_rng(3)
+    root.mkdir(parents=True)
+    (root / "classes.yaml").write_text(yaml.safe_dump({"names": NAMES}))
+    labels = {}
+    for split, frames in {"train": ["aachen/aachen_000000_000019", "aachen/aachen_000001_000019",
+                                    "bochum/bochum_000000_000313"], "val": ["lindau/lindau_000000_000019"]}.items():
+        for frame in frames:
+            image = root / "leftImg8bit" / split / f"{frame}_leftImg8bit.png"
+            gt = root / "gtFine" / split / frame
+            image.parent.mkdir(parents=True, exist_ok=True)
+            gt.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)).save(image)
+            labels[frame] = rng.integers(0, 3, (16, 24), dtype=np.uint8)
+            Image.fromarray(labels[frame]).save(f"{gt}_gtFine_labelIds.png")
+            Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)).save(f"{gt}_gtFine_color.png")
+            Image.fromarray(np.full((16, 24), 200, dtype=np.uint8)).save(f"{gt}_gtFine_instanceIds.png")
+    return labels
+
+
+CITYSCAPES_STYLE = {"images": "leftImg8bit/{split}", "masks": "gtFine/{split}",
+                    "image_suffix": "_leftImg8bit.png", "label_suffix": "_gtFine_labelIds.png"}
+
+
+def test_a_cityscapes_style_root_pairs_its_per_sequence_folders_and_check_data_says_what(monkeypatch, capsys,
+                                                                                          tmp_path):
+    root = tmp_path / "streets"
+    labels = make_cityscapes_style(root)
+    dataset = build_dataset("folder", root, "train", **CITYSCAPES_STYLE)
+    assert dataset.ids == ["aachen/aachen_000000_000019", "aachen/aachen_000001_000019", "bochum/bochum_000000_000313"]
+    for i, frame in enumerate(dataset.ids):  # each image with its own labelIds file, not the colour or instance map
+        assert dataset.image_paths[i] == root / "leftImg8bit" / "train" / f"{frame}_leftImg8bit.png"
+        np.testing.assert_array_equal(dataset[i]["label"].numpy(), labels[frame])
+
+    config = tmp_path / "streets.yaml"
+    config.write_text(yaml.safe_dump({"data": {"dataset": "folder", "root": str(root), "options": CITYSCAPES_STYLE}}))
+    code, out, _ = run_main(monkeypatch, capsys, "check-data", "--config", str(config))
+    assert code == 0, out
+    assert out.splitlines() == [
+        "folder/train: 3 images, 0 problem(s)",
+        f"  pairs: {root}/leftImg8bit/train/**/X_leftImg8bit.png ↔ {root}/gtFine/train/**/X_gtFine_labelIds.png; "
+        "first: aachen/aachen_000000_000019",
+        "folder/val: 1 images, 0 problem(s)",
+        f"  pairs: {root}/leftImg8bit/val/**/X_leftImg8bit.png ↔ {root}/gtFine/val/**/X_gtFine_labelIds.png; "
+        "first: lindau/lindau_000000_000019",
+    ]
+
+
+def test_images_beside_their_masks_pair_by_role_suffix(tmp_path):
+    """One folder per sequence with ``<frame>_image.jpg`` next to ``<frame>_label.png``: no symlinks."""
+    rng = np.random.default_rng(4)
+    root = tmp_path / "frames"
+    (root / "train" / "seq1").mkdir(parents=True)
+    (root / "classes.yaml").write_text(yaml.safe_dump({"names": NAMES}))
+    labels = {}
+    for frame in ("seq1/0001", "seq1/0002"):
+        Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)).save(root / "train" / f"{frame}_image.jpg")
+        labels[frame] = rng.integers(0, 3, (16, 24), dtype=np.uint8)
+        Image.fromarray(labels[frame]).save(root / "train" / f"{frame}_label.png")
+    dataset = build_dataset("folder", root, "train", images="{split}", masks="{split}", image_suffix="_image",
+                            label_suffix="_label")
+    assert dataset.ids == ["seq1/0001", "seq1/0002"]
+    for i, frame in enumerate(dataset.ids):
+        np.testing.assert_array_equal(dataset[i]["label"].numpy(), labels[frame])
+    assert dataset.pairing == f"{root}/train/**/X_image.* ↔ {root}/train/**/X_label.png"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"images": "leftImg8bit", "masks": "gtFine/{split}"}, "option images: 'leftImg8bit' must contain {split}"),
+    ({"images": "../elsewhere/{split}", "masks": "gtFine/{split}"}, "must be a folder under the dataset root"),
+    ({"images": "gtFine/{split}", "masks": "gtFine/{split}"}, "give the options image_suffix and label_suffix"),
+    ({**CITYSCAPES_STYLE, "label_suffix": "_gtFine_labelTrainIds.png"},
+     "no mask files ending in '_gtFine_labelTrainIds.png' under"),
+])
+def test_layout_options_that_cannot_work_are_one_line(monkeypatch, capsys, tmp_path, options, message):
+    root = tmp_path / "streets"
+    make_cityscapes_style(root)
+    config = tmp_path / "streets.yaml"
+    config.write_text(yaml.safe_dump({"data": {"dataset": "folder", "root": str(root), "options": options}}))
+    code, _, err = run_main(monkeypatch, capsys, "check-data", "--config", str(config))
+    assert message in one_error_line(code, err)

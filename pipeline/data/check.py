@@ -32,3 +32,12 @@ def check_dataset(dataset: SegmentationDataset) -> list[str]:
                 found.append(str(e))
         problems.extend(found)
     return problems
+
+
+def describe_pairing(dataset: SegmentationDataset) -> str | None:
+    """What a dataset that pairs files by name (the folder dataset) paired with what: the two name
+    patterns (``X`` is the part an image and its mask share) and the first pair's id; None for others."""
+    pairing = getattr(dataset, "pairing", None)
+    if pairing is None or not len(dataset):
+        return None
+    return f"pairs: {pairing}; first: {dataset.ids[0]}"
