@@ -286,6 +286,10 @@ def train_teacher(ctx: click.Context, config_path: str | None, resume: bool, **k
 @click.option("--views/--no-views", default=None,
               help="With a store that holds a bank of training views (cache-teacher --views), train on them "
                    "(exact teacher targets), or replay its whole-image maps onto fresh augmentations. [default: views]")
+@click.option("--student-features", default=None, metavar="LAYER",
+              help="The student's features for pa and fd: the output of this module (a name from "
+                   "model.named_modules(), e.g. classifier.3), or its input with LAYER:input. [default: the PSP "
+                   "module's output for skd's PSPNets, the final classifier conv's input for torchvision:NAME]")
 @click.pass_context
 def train_student(ctx: click.Context, config_path: str | None, resume: bool, **kw: Any) -> None:
     """Train a student from cached teacher outputs (or an online teacher).
@@ -301,6 +305,7 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
                           "lambda_ho": kw["lambda_ho"], "lambda_fd": kw["lambda_fd"], "pa_node": kw["pa_node"], "teacher": kw["teacher"],
                           "cache": kw["cache"], "temperature": kw["temperature"], "kd_warmup": kw["kd_warmup"],
                           "pseudo_labels": kw["pseudo_labels"], "views": kw["views"]}
+    updates["model"]["feature_layer"] = kw["student_features"]
     cfg = build_config(config_path, **updates)
     if (cfg.distill.losses or cfg.distill.pseudo_labels) and not cfg.distill.teacher and not cfg.distill.cache:
         cfg.distill.cache = default_cache(cfg.data.dataset, cfg.data.train_split, cfg.data.root)
@@ -313,8 +318,17 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
 
 @cli.command("cache-teacher")
 @data_options
-@click.option("--teacher", type=click.Path(), required=True, help="Teacher checkpoint (skd's, or a plain state_dict with --teacher-arch).")
+@click.option("--teacher", type=click.Path(), required=True,
+              help="Teacher checkpoint (skd's, or a plain state_dict with --teacher-arch), or torchvision:NAME "
+                   "with --teacher-weights.")
 @click.option("--teacher-arch", default=None, help="Architecture of a plain state_dict, e.g. pspnet_resnet101.")
+@click.option("--teacher-weights", type=click.Path(), default=None,
+              help="With --teacher torchvision:NAME (e.g. torchvision:deeplabv3_resnet101): its weights in "
+                   "torchvision's state-dict format (auxiliary classifier or not).")
+@click.option("--teacher-features", default=None, metavar="LAYER",
+              help="The teacher's features for pa and fd: the output of this module (a name from "
+                   "model.named_modules()), or its input with LAYER:input. [default: the PSP module's output for "
+                   "skd's PSPNets, the final classifier conv's input for torchvision:NAME]")
 @click.option("--num-classes", type=int, default=None, help="Classes of a plain state_dict. [default: the dataset's]")
 @click.option("--split", default="train", help="Dataset split to cache.")
 @click.option("--cache", "--out", "cache", type=click.Path(), default=None,
@@ -359,7 +373,8 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
                    "variables, ~/.aws, an instance role) and are never printed.")
 @click.pass_context
 def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str | None, data_root: str | None,
-                      teacher: str, teacher_arch: str | None, num_classes: int | None, split: str, cache: str | None,
+                      teacher: str, teacher_arch: str | None, teacher_weights: str | None,
+                      teacher_features: str | None, num_classes: int | None, split: str, cache: str | None,
                       batch_size: int | None, feature_pool: int | None, teacher_scales: str | None,
                       teacher_flip: bool | None, teacher_window: str | None, levels: str | None, views: int | None,
                       features: bool | None, feature_projection: int | None, projection_images: int | None,
@@ -380,6 +395,7 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
     from pipeline.data import build_dataset
     from pipeline.train.checkpoint import file_sha256, model_from_checkpoint
     from pipeline.device import resolve_device
+    from pipeline.models import AdaptedModel, is_torchvision_spec, load_torchvision_teacher
 
     cfg = build_config(config_path, data={"dataset": dataset, "root": data_root, "workers": workers,
                                           "crop_size": parse_hw(crop_size), "scale_range": parse_floats(scale_range),
@@ -392,11 +408,19 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
                               "projection_images": projection_images},
                        train={"device": device})
     ds = build_dataset(cfg.data.dataset, cfg.data.root, split, **cfg.data.options)
-    arch = {"name": teacher_arch, "num_classes": num_classes or ds.num_classes} if teacher_arch else None
-    model, arch = model_from_checkpoint(teacher, arch)
-    if arch["num_classes"] != ds.num_classes:
-        raise SkdError(f"teacher {teacher} predicts {arch['num_classes']} classes, {cfg.data.dataset} has {ds.num_classes}")
-    info = {**arch, "checkpoint": Path(teacher).name, "weights_sha256": file_sha256(teacher)}
+    if is_torchvision_spec(teacher):
+        model, info = load_torchvision_teacher(teacher, teacher_weights, teacher_features, ds.num_classes)
+    else:
+        if teacher_weights:
+            raise SkdError(f"--teacher-weights is for --teacher torchvision:NAME; {teacher} holds its own weights")
+        arch = {"name": teacher_arch, "num_classes": num_classes or ds.num_classes} if teacher_arch else None
+        model, arch = model_from_checkpoint(teacher, arch)
+        if arch["num_classes"] != ds.num_classes:
+            raise SkdError(f"teacher {teacher} predicts {arch['num_classes']} classes, {cfg.data.dataset} has {ds.num_classes}")
+        info = {**arch, "checkpoint": Path(teacher).name, "weights_sha256": file_sha256(teacher)}
+        if teacher_features:  # another layer of skd's network, through a hook
+            model = AdaptedModel(model, feature_layer=teacher_features)
+            info |= {"feature_layer": teacher_features, "feature_stride": model.feature_stride}
     out = cache or default_cache(cfg.data.dataset, split, cfg.data.root)
     c = cfg.cache
     with distributed_run(ctx, cfg.train.device) as main:

@@ -45,6 +45,9 @@ class ModelConfig:
     width: float = 1.0
     pretrained_backbone: str | None = None  # torchvision ImageNet checkpoint for the backbone
     dropout: float = 0.1  # Dropout2d before the main and auxiliary classifiers (the reference's 0.1)
+    # The module whose output (or "NAME:input") are the student's features for pa and fd; None: the
+    # model's own (PSP features for skd's PSPNets, the classifier's input for torchvision's models).
+    feature_layer: str | None = None
 
 
 @dataclass

@@ -48,6 +48,14 @@ def window_starts(cells: int, window_cells: int, stride_cells: int) -> list[int]
     return starts
 
 
+def _features(out) -> torch.Tensor:
+    """The output's features in float32; a network without any (features None, e.g. an exported
+    model that returns logits alone) gets an empty map of 0 channels, so that every path stays one."""
+    if out.features is None:
+        return out.logits.new_zeros(out.logits.shape[0], 0, *out.logits.shape[-2:], dtype=torch.float32)
+    return out.features.float()
+
+
 def _sliding_window(model: nn.Module, x: torch.Tensor, window: tuple[int, int],
                     stride: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (as log of the averaged probabilities) and averaged features on ``x``'s output grid,
@@ -74,7 +82,7 @@ def _sliding_window(model: nn.Module, x: torch.Tensor, window: tuple[int, int],
             y1 = y0 + wh * OUTPUT_STRIDE if len(rows) > 1 else x.shape[-2]
             x1 = x0 + ww * OUTPUT_STRIDE if len(cols) > 1 else x.shape[-1]
             out = model(x[..., y0:y1, x0:x1])
-            p, f = out.logits.float().softmax(dim=1), out.features.float()
+            p, f = out.logits.float().softmax(dim=1), _features(out)
             if probs is None:
                 probs = x.new_zeros(p.shape[0], p.shape[1], n, m)
                 features = x.new_zeros(f.shape[0], f.shape[1], n, m)
@@ -88,7 +96,7 @@ def _forward(model: nn.Module, x: torch.Tensor, window: tuple[int, int] | None,
              stride: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
     if window is None:
         out = model(x)
-        return out.logits.float(), out.features.float()
+        return out.logits.float(), _features(out)
     if stride is None:
         # Two thirds of the window, on the output grid: every pixel is seen by one or two windows.
         stride = tuple(max(OUTPUT_STRIDE, (2 * w // 3) // OUTPUT_STRIDE * OUTPUT_STRIDE) for w in window)

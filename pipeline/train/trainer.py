@@ -88,6 +88,8 @@ class Trainer:
         self.best_val_miou: float | None = None
         self._val_set = None
         arch = {"name": cfg.model.name, "num_classes": self.dataset.num_classes, "width": cfg.model.width}
+        if cfg.model.feature_layer:  # rebuilt with the same hook (absent: the arch of older checkpoints)
+            arch["feature_layer"] = cfg.model.feature_layer
         parts = {"model": self.student, "optimizer": self.optimizer, "scheduler": self.scheduler}
         self.checkpoints = RunCheckpoints(self.out, cfg, arch, parts | ({"fd_adapter": self.adapter} if self.adapter else {}),
                                           {"discriminator": self.holistic} if self.holistic else {})
@@ -99,7 +101,8 @@ class Trainer:
     def _build_student(self, teacher_channels: int | None) -> None:
         cfg, t = self.cfg, self.cfg.train
         self.student = build_model(cfg.model.name, self.dataset.num_classes, width=cfg.model.width,
-                                   pretrained_backbone=cfg.model.pretrained_backbone).to(self.device)
+                                   pretrained_backbone=cfg.model.pretrained_backbone,
+                                   feature_layer=cfg.model.feature_layer).to(self.device)
         for module in self.student.modules():
             if isinstance(module, torch.nn.Dropout2d):
                 module.p = cfg.model.dropout
