@@ -242,6 +242,8 @@ def cli(ctx: click.Context, quiet: bool) -> None:
 def train_teacher(ctx: click.Context, config_path: str | None, resume: bool, **kw: Any) -> None:
     """Train a model with the task loss only (a teacher, or a baseline student).
 
+    The model is the recipe's teacher_model section over its model section (model is then the
+    students'), and --model, --width, --pretrained-backbone over both.
     Cross-entropy on the main head plus 0.4 x the auxiliary head, SGD with poly decay.
     Writes OUT/model.pt (weights + architecture), OUT/last.pt (resumable) and OUT/log.jsonl.
     """
@@ -249,7 +251,9 @@ def train_teacher(ctx: click.Context, config_path: str | None, resume: bool, **k
 
     updates = common_train_updates(kw)
     updates["train"]["out"] = kw["out"]
-    cfg = build_config(config_path, **updates)
+    cfg = load_config(config_path)
+    cfg.model = cfg.model_for_teacher()  # a recipe's teacher_model section; its model section is the students'
+    cfg = merge(cfg, updates)
     run_folder(cfg, kw["out"], "runs/teacher")
     cfg.distill.losses = []
     with distributed_run(ctx, cfg.train.device) as main:

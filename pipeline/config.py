@@ -51,6 +51,17 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherModelConfig:
+    """A recipe's teacher, trained by train-teacher: each setting given here replaces the model
+    section's, the others are the model section's. So one recipe trains a teacher on an ImageNet
+    backbone at width 1 and narrow students from scratch (model.width applies to the students)."""
+    name: str | None = None
+    width: float | None = None
+    pretrained_backbone: str | None = None
+    dropout: float | None = None
+
+
+@dataclass
 class DistillConfig:
     # Any subset of "pi", "pa", "ho" (the paper's terms, all three by default; train-teacher clears
     # them) and "fd" (feature distillation, beyond the paper).
@@ -151,9 +162,15 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    teacher_model: TeacherModelConfig = field(default_factory=TeacherModelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def model_for_teacher(self) -> ModelConfig:
+        """The model section with the teacher_model section's settings over it: what train-teacher trains."""
+        chosen = {k: v for k, v in dataclasses.asdict(self.teacher_model).items() if v is not None}
+        return dataclasses.replace(self.model, **chosen)
 
 
 def load_config(path: str | Path | None = None) -> Config:
@@ -177,7 +194,7 @@ def merge(cfg: Config, updates: dict[str, Any], source: str = "options") -> Conf
         raise SkdError(f"{source}: expected a mapping of sections, got {type(updates).__name__}")
     for section, values in updates.items():
         if section not in {f.name for f in dataclasses.fields(Config)}:
-            raise SkdError(f"{source}: unknown section '{section}' (known: data, model, distill, train, cache)")
+            raise SkdError(f"{source}: unknown section '{section}' (known: data, model, teacher_model, distill, train, cache)")
         target = getattr(cfg, section)
         known = {f.name for f in dataclasses.fields(target)}
         for key, value in (values or {}).items():

@@ -319,3 +319,40 @@ def test_layout_options_that_cannot_work_are_one_line(monkeypatch, capsys, tmp_p
     config.write_text(yaml.safe_dump({"data": {"dataset": "folder", "root": str(root), "options": options}}))
     code, _, err = run_main(monkeypatch, capsys, "check-data", "--config", str(config))
     assert message in one_error_line(code, err)
+
+
+# -- 3: the teacher's own model settings in a recipe -----------------------------------------------------
+
+def test_a_recipe_trains_a_pretrained_teacher_at_width_1_and_narrow_students(monkeypatch, capsys, tmp_path):
+    import torchvision
+
+    backbone = tmp_path / "resnet18-imagenet.pth"  # an ImageNet checkpoint's layout (random weights: no download)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), backbone)
+    recipe = {
+        "data": {"dataset": "synthetic", "options": {"size": [32, 48], "length": 8}, "workers": 0},
+        "teacher_model": {"width": 1.0, "pretrained_backbone": str(backbone)},
+        "model": {"name": "pspnet_resnet18", "width": 0.5},
+        "train": {"iterations": 1, "batch_size": 4, "device": "cpu"},
+    }
+    config = tmp_path / "quick.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+
+    code, _, err = run_main(monkeypatch, capsys, "train-teacher", "--config", str(config), "--out", str(tmp_path / "t"))
+    assert code == 0, err
+    teacher = torch.load(tmp_path / "t" / "model.pt", weights_only=True)
+    assert teacher["arch"]["width"] == 1.0 and teacher["arch"]["name"] == "pspnet_resnet18"
+    # The backbone was loaded: one SGD step after it, the first convolution is still the file's (the
+    # cosine of two independent random initialisations is about 0).
+    loaded = torch.load(backbone, weights_only=True)["conv1.weight"]
+    assert torch.cosine_similarity(teacher["model"]["conv1.weight"].flatten(), loaded.flatten(), dim=0) > 0.8
+
+    code, _, err = run_main(monkeypatch, capsys, "train-student", "--config", str(config), "--losses", "none",
+                            "--out", str(tmp_path / "s"))
+    assert code == 0, err
+    assert torch.load(tmp_path / "s" / "model.pt", weights_only=True)["arch"]["width"] == 0.5
+
+    # A width on the command line wins over the section, and the shape error then says what to do.
+    code, _, err = run_main(monkeypatch, capsys, "train-teacher", "--config", str(config), "--width", "0.5",
+                            "--out", str(tmp_path / "t2"))
+    line = one_error_line(code, err)
+    assert "shape" in line and "--width 1" in line and "teacher_model" in line

@@ -74,7 +74,14 @@ class Trainer:
         # Seeded here, after any teacher was built (its init draws random numbers too), so that the
         # student starts from the same weights with a cache and with an online teacher.
         torch.manual_seed(t.seed)
-        self._build_student(teacher.feature_channels if "fd" in self.terms else None)
+        try:
+            self._build_student(teacher.feature_channels if "fd" in self.terms else None)
+        except SkdError as exc:
+            if not (cfg.model.pretrained_backbone and cfg.model.width != 1 and "shape" in str(exc)):
+                raise
+            raise SkdError(f"{exc} (ImageNet backbones are width 1 and model.width is {cfg.model.width:g}: train the "
+                           "teacher with --width 1, or give the recipe a teacher_model section with width: 1; "
+                           "model.width is then the students')") from None
         params = [*self.student.parameters(), *(self.adapter.parameters() if self.adapter is not None else [])]
         self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         # Progress by iterations, or by training seconds against --budget-minutes.
