@@ -747,6 +747,39 @@ def cache_pack(store: str, out: str) -> None:
     click.echo(f"packed {store} into {pack_store(Path(store), Path(out))}")
 
 
+@cli.command("cache-copy")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="An fsspec storage option for a URL (SRC or DST), e.g. endpoint_url=http://minio:9000 (repeat "
+                   "for more). Credentials come from the usual chain and are never printed.")
+@click.option("--source-option", "source_options", multiple=True, metavar="KEY=VALUE",
+              help="Storage options for SRC alone, when it lives on another endpoint than DST (replace "
+                   "--storage-option for SRC).")
+@click.option("--threads", type=int, default=8, help="Objects copied (and chunks verified) at a time.")
+@click.pass_context
+def cache_copy(ctx: click.Context, src: str, dst: str, storage_options: tuple[str, ...],
+               source_options: tuple[str, ...], threads: int) -> None:
+    """Copy the complete store SRC to DST, each a directory, a .zip or a URL (s3://bucket/prefix/name.zarr).
+
+    Bit for bit, object by object; every chunk is read back from DST (checksums) before DST is marked
+    complete. Resumable: a stopped copy, re-run, copies only what is missing. An incomplete SRC is
+    refused, and so is a DST holding a different store; DST holding this store already is left as it is.
+    """
+    from pipeline.cache.copy import copy_store
+    from pipeline.cache.store import redact
+
+    report = copy_store(src, dst, parse_storage_options(storage_options),
+                        parse_storage_options(source_options) if source_options else None,
+                        threads=threads, progress=ctx.obj["progress"])
+    if report.already_there:
+        click.echo(f"{redact(dst)} already holds this store, complete: nothing copied")
+    else:
+        kept = f" ({report.kept} already there from an earlier run)" if report.kept else ""
+        click.echo(f"copied {redact(src)} to {redact(dst)}: {report.copied} objects, "
+                   f"{report.bytes / 2**20:.2f} MiB{kept}; every chunk verified")
+
+
 @cli.command("cache-verify")
 @click.argument("store")
 @click.pass_context

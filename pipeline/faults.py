@@ -17,6 +17,7 @@ POINTS = {
     "flag-write": "after a shard's arrays, before its done flags",
     "finalize": "inside the final swap of a store into place, between its two renames",
     "checkpoint-write": "after a checkpoint's temporary file is written, before it replaces the old one",
+    "copy-object": "in cache-copy, after an object is written (a local file: under its temporary name, not yet renamed)",
 }
 _hits: Counter = Counter()
 _lock = threading.Lock()

@@ -7,12 +7,16 @@ from typing import Any
 
 import fsspec
 
+from pipeline.cache.remote import check_reachable, network_options
 from pipeline.cache.store import FORMAT, redact
 
 
 def list_stores(url: str, storage_options: dict | None = None) -> list[dict[str, Any]]:
     """Every skd store under ``url`` (a local folder or an fsspec URL), from its root metadata alone:
     teacher, weights hash, dataset and split, levels and views, images, complete, bytes."""
+    if "://" in url:
+        storage_options = network_options(url, storage_options)
+        check_reachable(url, storage_options, "nothing was listed")
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     sizes = fs.find(path, detail=True)
     # A store's root holds a zarr.json; its arrays hold theirs further down.

@@ -108,15 +108,21 @@ class ObjectStoreLifecycle:
     def __init__(self, url: str, storage_options: dict | None = None):
         import fsspec
 
+        from pipeline.cache.remote import network_options
         from pipeline.cache.store import redact
 
-        self.final, self.options = url.rstrip("/"), dict(storage_options or {})
+        self.final, self.options = url.rstrip("/"), network_options(url, storage_options)
         self.partial = self.final + ".partial"
         self.where = redact(self.final)
         self.fs, self.path = fsspec.core.url_to_fs(self.final, **self.options)
         self.writing = self.final
 
     def lock(self) -> ObjectLease:
+        """The store's lease; first a quick check that the endpoint answers at all, so that a wrong or
+        unreachable one fails in a second, not after the retries (``pipeline.cache.remote``)."""
+        from pipeline.cache.remote import check_reachable
+
+        check_reachable(self.final, self.options, "nothing was written")
         return ObjectLease(self.fs, self.path + ".lease", self.where)
 
     def _attributes(self, url: str) -> dict | None:

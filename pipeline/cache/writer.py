@@ -23,6 +23,7 @@ import pipeline
 from pipeline.cache.codecs import encode_features, quantise_log_probs
 from pipeline.cache.lifecycle import LocalStoreLifecycle, ObjectStoreLifecycle, pending_shards, store_lifecycle
 from pipeline.cache.projection import Projection, fit_projection
+from pipeline.cache.remote import describe, network_errors, network_options
 from pipeline.cache.schema import SHARD_IMAGES, level_array
 from pipeline.cache.store import FEATURE_ARRAYS, create_store, read_layout, read_projection, redact
 from pipeline.data.views import crop_params, draw_views
@@ -122,6 +123,7 @@ def cache_teacher(
         raise SkdError(f"--feature-projection {feature_projection} asks for more channels than the teacher's "
                        f"{teacher.feature_channels} features have; nothing was written")
     world = parallel.current()
+    storage_options = network_options(str(out), storage_options)  # retries configured once, for every request
     lifecycle = store_lifecycle(out, storage_options)
     with contextlib.ExitStack() as held:
         # Rank 0 alone touches the store's layout, holding the store's writer lock until it is
@@ -136,6 +138,9 @@ def cache_teacher(
             except OSError as exc:  # a read-only folder, a full disk, a path that is a file
                 setup_error = SkdError(f"cannot write the store {redact(str(out))}: {exc.strerror or exc}"
                                        f"{f' ({exc.filename})' if exc.filename else ''}; nothing was changed")
+            except network_errors() as exc:  # object storage that stopped answering, after its retries
+                setup_error = SkdError(f"cannot write the store {redact(str(out))}: {describe(exc)}; "
+                                       "nothing was changed")
             except Exception as exc:
                 setup_error = exc
         shared = parallel.broadcast_object(None if setup_error is None else str(setup_error) or type(setup_error).__name__)
@@ -298,6 +303,9 @@ def _write_shard(arrays: dict[str, zarr.Array], buffers: dict[str, np.ndarray], 
         raise SkdError(f"writing images {start}-{stop - 1} to {where} failed: {exc.strerror or exc}"
                        f"{f' ({exc.filename})' if exc.filename else ''}; the shards finished before are kept, "
                        "marked done: make room and re-run the same command to resume") from None
+    except network_errors() as exc:  # object storage unreachable for longer than its retries wait
+        raise SkdError(f"writing images {start}-{stop - 1} to {where} failed after retries: {describe(exc)}; "
+                       "the shards finished before are kept, marked done: re-run the same command to resume") from None
 
 
 class _BoundedWrites:
