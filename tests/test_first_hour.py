@@ -356,3 +356,87 @@ def test_a_recipe_trains_a_pretrained_teacher_at_width_1_and_narrow_students(mon
                             "--out", str(tmp_path / "t2"))
     line = one_error_line(code, err)
     assert "shape" in line and "--width 1" in line and "teacher_model" in line
+
+
+# -- 5, 6, 7: levels against the training scales, the teacher's mIoU, progress without a terminal ------
+
+def test_cache_teacher_scores_its_teacher_and_training_compares_warns_and_reports_progress(
+        monkeypatch, capsys, caplog, tiny_config, tiny_teacher, tmp_path):
+    import logging
+
+    import zarr
+
+    from pipeline.cache.store import TeacherStore
+    from pipeline.evaluate import evaluate_cache
+
+    monkeypatch.setenv("SKD_PROGRESS_EVERY", "0")  # a progress line at every update (30 s apart by default)
+    caplog.set_level(logging.INFO)
+    store = tmp_path / "teacher.zarr"
+    code, _, err = run_main(monkeypatch, capsys, "cache-teacher", "--config", str(tiny_config), "--teacher",
+                            str(tiny_teacher), "--cache", str(store), "--levels", "1,1.5", "--workers", "0")
+    assert code == 0, err
+    # 6: the mIoU of the maps just written is the one evaluate --cache reads back from the store.
+    recorded = zarr.open_group(str(store), mode="r").attrs["teacher_miou"]
+    dataset = build_dataset("synthetic", None, "train", size=[32, 48], length=16)
+    assert recorded["miou"] == pytest.approx(evaluate_cache(TeacherStore(store), dataset, progress=False).miou(), abs=1e-12)
+    assert (recorded["dataset"], recorded["split"], recorded["images"]) == ("synthetic", "train", 16)
+    assert f"teacher mIoU on synthetic/train (its maps as stored, 16 images): {100 * recorded['miou']:.2f}" in caplog.text
+    # 7: no terminal, so lines of progress instead of a bar (batches of 4 of the 16 images).
+    assert "cache-teacher: 4/16 img (25%), " in caplog.text and "cache-teacher: 16/16 img (100%), " in caplog.text
+    assert "ETA" in caplog.text
+
+    def train(name: str, scales: str, teacher_miou: float) -> list[str]:
+        group = zarr.open_group(str(store), mode="r+")
+        group.attrs["teacher_miou"] = {**recorded, "miou": teacher_miou}
+        caplog.clear()
+        code, _, err = run_main(monkeypatch, capsys, "train-student", "--config", str(tiny_config), "--cache",
+                                str(store), "--losses", "pi", "--scale-range", scales, "--crop-size", "24x24",
+                                "--iterations", "2", "--val-every", "2", "--workers", "0", "--out", str(tmp_path / name))
+        assert code == 0, err
+        assert f"the store's teacher: mIoU {100 * teacher_miou:.2f} on synthetic/train (16 images" in caplog.text
+        assert "train: 1/2 it (50%), " in caplog.text and "train: 2/2 it (100%), " in caplog.text  # 7
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    # 5: crops zoom in to 2, the store's finest map is at 1.5: one warning, naming the fix.
+    # 6: the teacher's recorded mIoU at 0 is beaten by any student that gets a pixel right.
+    warnings = train("zoom-in", "0.5,2", teacher_miou=0.0)
+    assert len(warnings) == 2, warnings
+    assert [w for w in warnings if w.startswith("training scales up to 2 but the store") and w.endswith(
+        "has maps at levels [1, 1.5]: crops that zoom in beyond 1.5 are replayed from a coarser map; "
+        "cache with --levels 1,1.5,2")]
+    assert [w for w in warnings if w.startswith("this run's val mIoU ") and "beats its teacher's 0.00 on synthetic/train" in w]
+    # Scales within the store's levels and a teacher no run can beat: neither warning.
+    assert train("within", "0.5,1.5", teacher_miou=1.0) == []
+
+
+def test_a_resumed_cache_does_not_pass_off_a_part_of_the_split_as_the_teachers_miou(tmp_path, caplog):
+    import logging
+    import shutil
+
+    import zarr
+
+    caplog.set_level(logging.INFO)
+    root = make_folder(tmp_path / "folder", {"train": 8})
+    dataset = build_dataset("folder", root, "train", image_suffix="_image", label_suffix="_label")
+    torch.manual_seed(0)
+    model = build_model(**ARCH)
+    info = {**ARCH, "checkpoint": "teacher.pt", "weights_sha256": "0" * 64}
+    store = tmp_path / "store.zarr"
+
+    def cache() -> None:
+        cache_teacher(model, info, dataset, store, batch_size=4, feature_pool=2, shard_images=4, workers=0,
+                      progress=False)
+
+    cache()
+    assert zarr.open_group(str(store), mode="r").attrs["teacher_miou"]["images"] == 8
+    # As a run stopped after its first shard leaves it: a partial store, half done, never scored.
+    partial = tmp_path / "store.zarr.partial"
+    shutil.move(store, partial)
+    group = zarr.open_group(str(partial), mode="r+")
+    group["done"][4:] = False
+    group.attrs.update({"complete": False})
+    del group.attrs["teacher_miou"]
+    caplog.clear()
+    cache()  # resumes: the teacher runs on the second shard alone
+    assert "teacher_miou" not in zarr.open_group(str(store), mode="r").attrs
+    assert "teacher mIoU not computed: an earlier run cached part of this split" in caplog.text

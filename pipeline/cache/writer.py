@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import zarr
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import pipeline
 from pipeline.cache.codecs import encode_features, quantise_log_probs
@@ -32,13 +32,16 @@ from pipeline.device import set_cpu_threads
 from pipeline.errors import SkdError
 from pipeline.faults import fault_point
 from pipeline.inference import predict, resize
+from pipeline.metrics import ConfusionMatrix
+from pipeline.progress import progress_bar
 from pipeline import parallel
 
 log = logging.getLogger(__name__)
 
 
 def _collate(items: list[dict]) -> dict:
-    batch = {"image": torch.stack([it["image"] for it in items]), "index": torch.tensor([it["index"] for it in items])}
+    batch = {"image": torch.stack([it["image"] for it in items]), "index": torch.tensor([it["index"] for it in items]),
+             "label": torch.stack([it["label"] for it in items])}
     if "view_images" in items[0]:
         for key in ("view_images", "view_crops", "view_jitter"):
             batch[key] = torch.stack([it[key] for it in items])
@@ -60,7 +63,7 @@ class _Indexed(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         item = self.dataset[i]
-        out = {"image": item["image"], "index": i}
+        out = {"image": item["image"], "index": i, "label": item["label"]}  # the label scores the teacher
         if self.view_bank:
             crops, jitter = draw_views(self.view_bank, i, tuple(item["image"].shape[-2:]))
             crop_size = tuple(self.view_bank["crop_size"])
@@ -184,7 +187,8 @@ def _write_shards(teacher: nn.Module, dataset, lifecycle: LocalStoreLifecycle | 
     shards = _ShardBuffers(group, [spec.name for spec in specs], layout.shard_images, layout.images, writes,
                            redact(str(lifecycle.writing)))
     desc = "cache-teacher" + (f" (rank 0 of {world.size})" if world.size > 1 else "")
-    with tqdm(total=len(pending), desc=desc, unit="img", disable=not progress) as bar, writes:
+    score = ConfusionMatrix(dataset.num_classes, ignore_index=dataset.ignore_index)  # the teacher's, as stored
+    with progress_bar(len(pending), desc, "img", progress, log) as bar, writes:
         for batch in loader:
             images = normalize(batch["image"].to(device, non_blocking=True))
             outputs = {}
@@ -206,14 +210,45 @@ def _write_shards(teacher: nn.Module, dataset, lifecycle: LocalStoreLifecycle | 
             outputs = {name: t.cpu().numpy() for name, t in outputs.items()}
             for k, index in enumerate(indices):
                 hw = layout.image_hw[index]
-                shards.put(index, {spec.name: _cut(outputs[spec.name][k], spec.extent and spec.extent(hw))
-                                   for spec in specs})
+                values = {spec.name: _cut(outputs[spec.name][k], spec.extent and spec.extent(hw)) for spec in specs}
+                shards.put(index, values)
+                _score(score, values[level_array(1.0)], batch["label"][k])
             bar.update(len(indices))
     parallel.barrier()  # every rank's shards are on disk
+    matrix = (parallel.all_mean(score.matrix.to(device).double()) * world.size).round().long().cpu()
     if world.main:
+        _record_score(group, dataset, matrix, whole_split=sum(b - a for a, b in todo) == len(dataset))
         lifecycle.finalise()
         log.info("wrote %s", redact(str(lifecycle.final)))
     parallel.barrier()  # no rank returns before the store is in place
+
+
+def _score(score: ConfusionMatrix, log_probs: np.ndarray, label: torch.Tensor) -> None:
+    """Add one image's stored map to the teacher's confusion matrix, as ``skd evaluate --cache`` scores
+    it: upsampled bilinearly to the label's size, then the argmax."""
+    up = F.interpolate(torch.from_numpy(log_probs)[None].float(), size=label.shape[-2:], mode="bilinear",
+                       align_corners=False)
+    score.update(up[0].argmax(0), label)
+
+
+def _record_score(group: zarr.Group, dataset, matrix: torch.Tensor, whole_split: bool) -> None:
+    """The teacher's mIoU on the split, from the maps this run wrote, into the store's attributes
+    (``teacher_miou``) and the log; not when an earlier run cached part of the split (the maps it
+    wrote were not scored: ``skd cache-stats STORE --labels`` scores them all) or nothing is labelled."""
+    cm = ConfusionMatrix(dataset.num_classes, ignore_index=dataset.ignore_index)
+    cm.matrix += matrix
+    counted = int(cm.matrix.sum())
+    if counted == 0:
+        return
+    if not whole_split:
+        log.info("teacher mIoU not computed: an earlier run cached part of this split (skd cache-stats STORE "
+                 "--labels %s/%s scores the whole store)", dataset.name, dataset.split)
+        return
+    record = {"miou": cm.miou(), "pixel_accuracy": cm.pixel_accuracy(), "dataset": dataset.name,
+              "split": dataset.split, "images": len(dataset), "pixels": counted}
+    group.attrs["teacher_miou"] = record
+    log.info("teacher mIoU on %s/%s (its maps as stored, %d images): %.2f, pixel accuracy %.2f", dataset.name,
+             dataset.split, len(dataset), 100 * record["miou"], 100 * record["pixel_accuracy"])
 
 
 def _open_or_create(lifecycle: LocalStoreLifecycle | ObjectStoreLifecycle, teacher: nn.Module, teacher_info: dict[str, Any], dataset,

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from pipeline.errors import SkdError
+from pipeline.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +26,11 @@ class MetricLogger:
 
     def __init__(self, out: Path, *, main: bool, iteration: int, total: int | None, tensorboard: bool,
                  progress: bool):
-        from tqdm import tqdm
-
         self.main, self.total, self.progress = main, total, progress
         self.file = open(Path(out) / "log.jsonl", "a") if main else None
         self.board = _summary_writer(Path(out) / "tensorboard", iteration) if tensorboard and main else None
-        self.bar = tqdm(total=total, initial=iteration, desc="train", unit="it", disable=not progress)
+        # A bar on a terminal, else a line every so often (the records alone come every log_every steps).
+        self.bar = progress_bar(total, "train", "it", progress, log, initial=iteration)
 
     def __enter__(self) -> MetricLogger:
         return self

@@ -55,11 +55,27 @@ def build_teacher(cfg: Config, dataset, device: torch.device) -> Teacher:
         check_feature_resolution(store, cfg, dataset, use_views)
     if "fd" in terms:
         check_dense_features(store, cfg)
+    if not use_views:
+        warn_coarse_levels(store, cfg.data.scale_range)
     log.info("distilling from the cache %s (teacher %s, %s)", redact(d.cache), store.attrs["teacher"].get("name"),
              f"{store.views['count']} stored views per image" if use_views else f"maps at levels {store.levels}")
     # Projected features come back mapped to the teacher's channels.
     channels = len(store.projection.mean) if store.projection is not None else store.feature_channels
     return Teacher(CachedTargets(store.projection), channels, store, use_views)
+
+
+def warn_coarse_levels(store: TeacherStore, scale_range: list[float]) -> None:
+    """One warning (rank 0) when training zooms in further than the store's finest map: replay then
+    upsamples that map for those crops, so their targets are blurrier than the teacher's own."""
+    from pipeline import parallel
+
+    top, finest = max(scale_range), max(store.levels)
+    if top <= finest * 1.01 or not parallel.current().main:
+        return
+    levels = [f"{level:g}" for level in store.levels]
+    log.warning("training scales up to %g but the store %s has maps at levels [%s]: crops that zoom in beyond %g are "
+                "replayed from a coarser map; cache with --levels %s,%g", top, redact(store.url), ", ".join(levels),
+                finest, ",".join(levels), top)
 
 
 def check_views(store: TeacherStore, cfg: Config) -> None:

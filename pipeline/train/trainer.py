@@ -70,6 +70,14 @@ class Trainer:
         teacher = build_teacher(cfg, self.dataset, self.device) if self.terms or cfg.distill.pseudo_labels else None
         self.targets = teacher.targets if teacher else None
         self.store, self.use_views = (teacher.store, teacher.use_views) if teacher else (None, False)
+        # The teacher's mIoU that cache-teacher recorded in the store (None when unknown): a run whose
+        # own validation beats it is told so, once.
+        self.teacher_score = self.store.attrs.get("teacher_miou") if self.store is not None else None
+        self._beat_teacher_said = False
+        if self.teacher_score and self.world.main:
+            s = self.teacher_score
+            log.info("the store's teacher: mIoU %.2f on %s/%s (%d images, its maps as stored)", 100 * s["miou"],
+                     s["dataset"], s["split"], s["images"])
 
         # Seeded here, after any teacher was built (its init draws random numbers too), so that the
         # student starts from the same weights with a cache and with an online teacher.
@@ -277,6 +285,13 @@ class Trainer:
         cm = evaluate_model(self.student, self._val_set, device=self.device, progress=False)
         self.student.train()
         miou = float(cm.miou())
+        s = self.teacher_score
+        if s and miou > s["miou"] and not self._beat_teacher_said:
+            self._beat_teacher_said = True
+            log.warning("this run's val mIoU %.2f (iteration %d) beats its teacher's %.2f on %s/%s: the student "
+                        "learns the teacher's mistakes from a weaker teacher; train a stronger one (longer, "
+                        "pretrained, larger) before distilling", 100 * miou, self.iteration, 100 * s["miou"],
+                        s["dataset"], s["split"])
         if self.best_val_miou is None or miou > self.best_val_miou:
             self.best_val_miou = miou
             self.checkpoints.save_weights("best.pt", self.student, iteration=self.iteration, val_miou=miou)
