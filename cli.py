@@ -75,6 +75,34 @@ def parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:
     return options
 
 
+def reading_options(cache_dir: bool = True):
+    """--storage-option for a command that reads a store, and --cache-dir/--cache-dir-size for one
+    that reads it image by image (training, evaluation)."""
+    def decorate(f):
+        if cache_dir:
+            f = click.option("--cache-dir-size", envvar="SKD_CACHE_DIR_SIZE", default=None, metavar="SIZE",
+                             help="Size cap of --cache-dir (e.g. 500M, 20G): the least recently used objects are "
+                                  "deleted beyond it. Also SKD_CACHE_DIR_SIZE. [default: storage.cache_dir_size, 20G]")(f)
+            f = click.option("--cache-dir", envvar="SKD_CACHE_DIR", type=click.Path(file_okay=False), default=None,
+                             help="With a store at a URL: keep its objects in this local folder as they are read, so "
+                                  "later epochs and runs read local disk (checksums are still checked on every "
+                                  "read). Also SKD_CACHE_DIR. [default: storage.cache_dir, none]")(f)
+        return click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+                            help="An fsspec storage option for a store at a URL, e.g. endpoint_url=http://minio:9000 "
+                                 "(repeat for more; dotted keys nest; over the config's storage.options). Credentials "
+                                 "come from the usual places (AWS_* environment variables, ~/.aws, an instance role) "
+                                 "and are never printed.")(f)
+    return decorate
+
+
+def storage_updates(cfg: Config, storage_options: tuple[str, ...], cache_dir: str | None,
+                    cache_dir_size: str | None) -> None:
+    """The command line's storage options (over the config's, key by key) and read cache into ``cfg``."""
+    cfg.storage.options = {**cfg.storage.options, **parse_storage_options(storage_options)}
+    cfg.storage.cache_dir = cache_dir or cfg.storage.cache_dir
+    cfg.storage.cache_dir_size = cache_dir_size or cfg.storage.cache_dir_size
+
+
 def parse_terms(value: str | None) -> list[str] | None:
     if value is None:
         return None
@@ -290,6 +318,7 @@ def train_teacher(ctx: click.Context, config_path: str | None, resume: bool, **k
 @click.option("--views/--no-views", default=None,
               help="With a store that holds a bank of training views (cache-teacher --views), train on them "
                    "(exact teacher targets), or replay its whole-image maps onto fresh augmentations. [default: views]")
+@reading_options()
 @click.option("--student-features", default=None, metavar="LAYER",
               help="The student's features for pa and fd: the output of this module (a name from "
                    "model.named_modules(), e.g. classifier.3), or its input with LAYER:input. [default: the PSP "
@@ -311,6 +340,7 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
                           "pseudo_labels": kw["pseudo_labels"], "views": kw["views"]}
     updates["model"]["feature_layer"] = kw["student_features"]
     cfg = build_config(config_path, **updates)
+    storage_updates(cfg, kw["storage_options"], kw["cache_dir"], kw["cache_dir_size"])
     if (cfg.distill.losses or cfg.distill.pseudo_labels) and not cfg.distill.teacher and not cfg.distill.cache:
         cfg.distill.cache = default_cache(cfg.data.dataset, cfg.data.train_split, cfg.data.root)
     run_folder(cfg, kw["out"], "runs/student")
@@ -456,16 +486,19 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
 @click.option("--save-images", type=int, default=0, help="Save this many coloured image | truth | prediction PNGs into a folder named after --output "
                    "without its extension (R.json -> R/).")
 @click.option("--name", default=None, help="Row name in the results (default: the checkpoint or store).")
+@reading_options()
 @click.pass_context
 def evaluate_cmd(ctx: click.Context, config_path: str | None, dataset: str | None, data_root: str | None,
                  checkpoint: str | None, cache: str | None, split: str, scales: str, flip: bool, window: str | None, device: str,
                  batch_size: int, workers: int, precision: str, output: str | None, save_images: int,
-                 name: str | None) -> None:
+                 name: str | None, storage_options: tuple[str, ...], cache_dir: str | None,
+                 cache_dir_size: str | None) -> None:
     """mIoU, pixel accuracy and per-class IoU of a checkpoint or of a teacher cache (--cache).
 
     Single scale, whole image, no flip by default. Prints a table; --output writes JSON and, beside
     it, the confusion matrix as a PNG (<output>_confusion.png).
     """
+    from pipeline.cache.readcache import read_cache
     from pipeline.cache.store import TeacherStore, redact
     from pipeline.data import build_dataset
     from pipeline.evaluate import evaluate_cache, evaluate_model
@@ -478,6 +511,7 @@ def evaluate_cmd(ctx: click.Context, config_path: str | None, dataset: str | Non
     if (checkpoint is None) == (cache is None):
         raise SkdError("give exactly one of --checkpoint or --cache")
     cfg = build_config(config_path, data={"dataset": dataset, "root": data_root})
+    storage_updates(cfg, storage_options, cache_dir, cache_dir_size)
     ds = build_dataset(cfg.data.dataset, cfg.data.root, split, **cfg.data.options)
     save_dir = Path(output).with_suffix("") if output and save_images else None
     progress = ctx.obj["progress"]
@@ -494,7 +528,9 @@ def evaluate_cmd(ctx: click.Context, config_path: str | None, dataset: str | Non
         source = {"checkpoint": checkpoint, "arch": arch, "parameters": sum(p.numel() for p in model.parameters()),
                   "gflops_per_image": count_flops(model.cpu(), size) / 1e9, "flops_image_size": list(size)}
     else:
-        cm = evaluate_cache(TeacherStore(cache), ds, progress=progress, save_dir=save_dir, save_images=save_images)
+        store = TeacherStore(cache, cfg.storage.options or None,
+                             read_cache(cfg.storage.cache_dir, cfg.storage.cache_dir_size))
+        cm = evaluate_cache(store, ds, progress=progress, save_dir=save_dir, save_images=save_images)
         source = {"cache": redact(cache)}
     report = {"name": name or checkpoint or redact(cache), **source, "dataset": cfg.data.dataset, "split": split,
               "scales": parse_floats(scales), "flip": flip, "window": parse_hw(window),
@@ -641,11 +677,12 @@ def profile(checkpoint: str, size: str, batch_sizes: str, device: str, warmup: i
 
 @cli.command("cache-info")
 @click.argument("store")
-def cache_info(store: str) -> None:
+@reading_options(cache_dir=False)
+def cache_info(store: str, storage_options: tuple[str, ...]) -> None:
     """Print a teacher cache's provenance, arrays (shape, chunks, shards, codecs, size) and progress."""
     from pipeline.cache.store import TeacherStore, array_table, provenance_json
 
-    s = TeacherStore(store)
+    s = TeacherStore(store, parse_storage_options(storage_options))
     click.echo(provenance_json(s.attrs))
     click.echo(array_table(s))
     click.echo(f"{s.done_count()}/{len(s)} images cached, complete: {s.complete}")
@@ -662,9 +699,10 @@ def cache_info(store: str) -> None:
 @click.option("--data-root", default=None, help="Root of the --labels dataset. [default: the config's, else ./data/<dataset>]")
 @click.option("--output", type=click.Path(), default=None,
               help="Write the statistics as JSON here (written before the mIoU is computed, and again with it).")
+@reading_options(cache_dir=False)
 @click.pass_context
 def cache_stats(ctx: click.Context, store: str, labels: str | None, config_path: str | None, data_root: str | None,
-                output: str | None) -> None:
+                output: str | None, storage_options: tuple[str, ...]) -> None:
     """Bytes and compression per array, non-finite values, the teacher's class frequencies, mean
     top-class probability and entropy histogram, computed chunk-parallel with dask from the store.
 
@@ -679,7 +717,7 @@ def cache_stats(ctx: click.Context, store: str, labels: str | None, config_path:
     from pipeline.cache.stats import format_stats, store_stats
     from pipeline.cache.store import TeacherStore
 
-    s = TeacherStore(store)
+    s = TeacherStore(store, parse_storage_options(storage_options))
     dataset = None
     if labels:
         from pipeline.data import build_dataset
@@ -782,14 +820,15 @@ def cache_copy(ctx: click.Context, src: str, dst: str, storage_options: tuple[st
 
 @cli.command("cache-verify")
 @click.argument("store")
+@reading_options(cache_dir=False)
 @click.pass_context
-def cache_verify(ctx: click.Context, store: str) -> None:
+def cache_verify(ctx: click.Context, store: str, storage_options: tuple[str, ...]) -> None:
     """Read every chunk of a teacher cache (checksums), check its flags, ids and provenance, and
     name each problem; exits non-zero if there is any."""
     from pipeline.cache.store import TeacherStore, redact
     from pipeline.cache.verify import verify_store
 
-    problems = verify_store(TeacherStore(store), progress=ctx.obj["progress"])
+    problems = verify_store(TeacherStore(store, parse_storage_options(storage_options)), progress=ctx.obj["progress"])
     for problem in problems:
         click.echo(f"problem: {problem}", err=True)
     if problems:

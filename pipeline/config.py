@@ -156,6 +156,19 @@ class CacheConfig:
 
 
 @dataclass
+class StorageConfig:
+    """How stores at URLs (s3://, gs://, ...) are reached and read; a run may change all of it on resume."""
+    # fsspec storage options (endpoint_url, client_kwargs.region_name, profile, ...). Credentials are
+    # best left to the provider chain (environment, profile, instance role); config.json records
+    # these options with every value that may be a secret redacted.
+    options: dict[str, Any] = field(default_factory=dict)
+    # A local folder caching a remote store's objects as they are read (None: read the store every
+    # time), and its size cap (e.g. 500M, 20G); least recently used objects go first.
+    cache_dir: str | None = None
+    cache_dir_size: str = "20G"
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -163,6 +176,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     teacher_model: TeacherModelConfig = field(default_factory=TeacherModelConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -194,7 +208,7 @@ def merge(cfg: Config, updates: dict[str, Any], source: str = "options") -> Conf
         raise SkdError(f"{source}: expected a mapping of sections, got {type(updates).__name__}")
     for section, values in updates.items():
         if section not in {f.name for f in dataclasses.fields(Config)}:
-            raise SkdError(f"{source}: unknown section '{section}' (known: data, model, teacher_model, distill, train, cache)")
+            raise SkdError(f"{source}: unknown section '{section}' (known: data, model, teacher_model, distill, train, cache, storage)")
         target = getattr(cfg, section)
         known = {f.name for f in dataclasses.fields(target)}
         for key, value in (values or {}).items():

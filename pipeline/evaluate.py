@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from pipeline.cache.readcache import read_ahead
 from pipeline.cache.store import TeacherStore
 from pipeline.inference import predict
 from pipeline.data.transforms import normalize
@@ -76,5 +77,10 @@ def evaluate_cache(store: TeacherStore, dataset, progress: bool = True, save_dir
     """mIoU of the stored teacher maps themselves (after checking they belong to ``dataset``; a
     store copied in part is refused by the check and by the reads)."""
     store.check_matches(dataset)
-    predictions = ((i, dataset[i], torch.from_numpy(store.read_log_probs(i))) for i in range(len(dataset)))
+
+    def read(i: int) -> tuple[int, dict, torch.Tensor]:
+        return i, dataset[i], torch.from_numpy(store.read_log_probs(i))
+
+    # Several images in flight at once: from object storage each read waits on requests.
+    predictions = read_ahead(read, range(len(dataset)))
     return _evaluate(dataset, predictions, progress, save_dir, save_images, "evaluate cache")

@@ -123,10 +123,15 @@ class ObjectLease:
     def _delete(self, etag: str | None) -> None:
         bucket, key, _ = self.fs.split_path(self.key)
         if etag is not None:  # only that very lease, not one another writer took since
+            from pipeline.cache.remote import describe, network_errors
+
             try:
                 self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag)
-            except (OSError, FileNotFoundError):
+            except OSError:
                 pass  # someone else's lease now, or gone: the conditional create decides
+            except network_errors() as exc:  # the storage stopped answering: the lease expires by itself
+                log.warning("%s: the writer's lease could not be released (%s); it expires by itself within %g "
+                            "minutes", self.where, describe(exc), self.seconds / 60)
         self.fs.invalidate_cache(self.key)
 
     def _renew(self) -> None:

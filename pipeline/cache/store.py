@@ -30,6 +30,7 @@ import zarr
 from pipeline.cache.codecs import (CODECS, DECODE_NOTE, FEATURE_DECODE_NOTE, PROJECTION_NOTE, compressors,
                                    decode_features)
 from pipeline.cache.projection import Projection
+from pipeline.cache.readcache import DiskCacheStore, ReadCache, open_remote
 from pipeline.cache.schema import (SHARD_IMAGES, ArraySpec, StoreLayout, feature_size, level_array, logit_size,
                                    shard_images as fitting_shard_images)
 from pipeline.errors import SkdError
@@ -56,6 +57,21 @@ def scrub(text: str) -> str:
     """Free text (an exception's message) with every URL's user, password and query string removed."""
     text = re.sub(r"//[^/@\s'\"]*@", "//", str(text))
     return re.sub(r"(://[^\s'\"?]*)\?[^\s'\"]*", r"\1", text)
+
+
+# Storage options whose values are (or may hold) credentials, by a part of their name.
+SECRET_OPTION = re.compile(r"key|secret|token|password|passwd|credential|sas|signature|auth", re.IGNORECASE)
+
+
+def redact_options(options: Any) -> Any:
+    """Storage options fit for logs and config.json: values of options named like a credential
+    (key, secret, token, password, ...) replaced by "<redacted>", URLs in the others redacted."""
+    if isinstance(options, dict):
+        return {key: "<redacted>" if SECRET_OPTION.search(str(key)) and not isinstance(value, dict)
+                else redact_options(value) for key, value in options.items()}
+    if isinstance(options, list):
+        return [redact_options(value) for value in options]
+    return redact(options) if isinstance(options, str) else options
 
 
 def is_url(url: str) -> bool:
@@ -176,12 +192,16 @@ class TeacherStore:
     """Read access to a cache (directory, .zip or fsspec URL), opened lazily in each process.
 
     ZipStore and fsspec stores opened in a parent process break in forked DataLoader workers, so the
-    group is (re)opened the first time it is used in a process.
+    group is (re)opened the first time it is used in a process. A store at a URL is read with
+    ``storage_options`` and, with a ``read_cache``, through a local cache of its objects
+    (``pipeline.cache.readcache``).
     """
 
-    def __init__(self, url: str | Path, storage_options: dict | None = None):
+    def __init__(self, url: str | Path, storage_options: dict | None = None, read_cache: ReadCache | None = None):
         self.url = str(url)
         self.storage_options = storage_options
+        self.read_cache = read_cache if is_url(self.url) else None
+        self._refetched: set[tuple[str, int]] = set()  # reads retried after dropping a damaged cached copy
         self._group: zarr.Group | None = None
         self._arrays: dict[str, zarr.Array] = {}  # opened once per process: opening reads metadata
         self._in_memory: dict[str, np.ndarray | None] = {}  # small arrays read whole, once per process
@@ -230,7 +250,7 @@ class TeacherStore:
     @property
     def group(self) -> zarr.Group:
         if self._group is None or self._pid != os.getpid():
-            self._group = _open_group(self.url, self.storage_options)
+            self._group = _open_group(self.url, self.storage_options, self.read_cache)
             self._arrays, self._in_memory = {}, {}
             self._pid = os.getpid()
         return self._group
@@ -338,6 +358,8 @@ class TeacherStore:
         try:
             values = np.asarray((self.array(name) if in_memory is None else in_memory)[region], dtype=np.float32)
         except Exception as exc:  # zarr/numcodecs raise ValueError, RuntimeError, ... for a bad chunk
+            if self._drop_cached(name, index):  # a damaged copy in the read cache: read the store itself
+                return self._read(name, index, region, whole)
             raise SkdError(f"{redact(self.url)}: {name} of image {self.ids[index]!r} (#{index}) cannot be read "
                            f"({type(exc).__name__}: {scrub(exc)}); the store is damaged: run skd cache-verify on it, "
                            "and re-create it with skd cache-teacher") from None
@@ -348,6 +370,18 @@ class TeacherStore:
                            "fill: a chunk file is not there, as in a store copied in part): run skd cache-verify "
                            "on it, and copy it again or re-create it with skd cache-teacher")
         return values
+
+    def _drop_cached(self, name: str, index: int) -> bool:
+        """Drop array ``name``'s objects from the read cache, once per image and array; False
+        without a read cache (or on the second failure: then the store's own copy is damaged)."""
+        store = self.group.store
+        if not isinstance(store, DiskCacheStore) or (name, index) in self._refetched:
+            return False
+        self._refetched.add((name, index))
+        log.warning("%s: %s of image %r failed its checksum in the read cache %s: read again from the store",
+                    redact(self.url), name, self.ids[index], store.folder)
+        store.discard(name)
+        return True
 
     def bytes_on_disk(self, name: str) -> int | None:
         """Bytes of array ``name``'s files (None for zip and URL stores, whose files are not on disk as such)."""
@@ -399,7 +433,7 @@ class TeacherStore:
             raise SkdError(f"{where} holds {self.num_classes}-class teacher logits but {expected} classes were expected")
 
 
-def _open_group(url: str, storage_options: dict | None) -> zarr.Group:
+def _open_group(url: str, storage_options: dict | None, read_cache: ReadCache | None = None) -> zarr.Group:
     try:
         if url.endswith(".zip") and not is_url(url):
             if not Path(url).is_file():
@@ -412,8 +446,8 @@ def _open_group(url: str, storage_options: dict | None) -> zarr.Group:
                     "to finish the swap)" if old.exists() else
                     " (a partial store exists: re-run skd cache-teacher to finish it)" if partial.exists() else "")
             raise SkdError(f"no teacher cache at {url}{hint}")
-        if is_url(url):
-            return zarr.open_group(url, mode="r", storage_options=storage_options)
+        if is_url(url):  # read-only, through the local read cache if there is one
+            return zarr.open_group(open_remote(url, storage_options, read_cache), mode="r")
         return zarr.open_group(url, mode="r")
     except SkdError:
         raise

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.cache.store import redact
+from pipeline.cache.store import redact, redact_options
 from pipeline.config import Config
 from pipeline.errors import SkdError
 from pipeline.faults import fault_point
@@ -71,13 +71,13 @@ def model_from_checkpoint(path: str | Path, arch: dict[str, Any] | None = None) 
 # the models, the teacher or store, the losses and their weights, the seed, the batch, and
 # iterations and budget_minutes (the learning-rate schedule and the warm-up are fractions of them).
 # The cache section configures cache-teacher; training reads the store's own settings, so it is
-# left out too.
+# left out too, and so is the storage section (how a store is reached, and the local read cache).
 RESUMABLE_SETTINGS = frozenset({
     "data.root", "data.workers", "data.prefetch_factor", "data.pin_memory",
     "train.device", "train.compile", "train.out",
     "train.log_every", "train.log_grad_norms", "train.checkpoint_every", "train.val_every", "train.tensorboard",
 })
-RESUMABLE_SECTIONS = frozenset({"cache"})
+RESUMABLE_SECTIONS = frozenset({"cache", "storage"})
 
 
 def public_config(cfg: Config) -> dict:
@@ -86,6 +86,8 @@ def public_config(cfg: Config) -> dict:
     settings = cfg.to_dict()
     if settings["distill"].get("cache"):
         settings["distill"]["cache"] = redact(settings["distill"]["cache"])
+    if "storage" in settings:
+        settings["storage"]["options"] = redact_options(settings["storage"]["options"])
     return settings
 
 
