@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.cache.readcache import read_cache
 from pipeline.cache.store import TeacherStore, redact
 from pipeline.data.views import spec_augment
 from pipeline.config import Config
@@ -42,7 +43,7 @@ def build_teacher(cfg: Config, dataset, device: torch.device) -> Teacher:
         return Teacher(OnlineTargets(model.to(device), precision="bf16" if bf16 else "fp32"), model.feature_channels)
     if not d.cache:
         raise SkdError("distillation needs a teacher: pass --cache STORE or --teacher CHECKPOINT")
-    store = TeacherStore(d.cache)
+    store = TeacherStore(d.cache, cfg.storage.options or None, read_cache(cfg.storage.cache_dir, cfg.storage.cache_dir_size))
     store.check_matches(dataset)
     use_views = bool(store.views) and d.views
     terms = set(d.losses)
@@ -57,8 +58,9 @@ def build_teacher(cfg: Config, dataset, device: torch.device) -> Teacher:
         check_dense_features(store, cfg)
     if not use_views:
         warn_coarse_levels(store, cfg.data.scale_range)
-    log.info("distilling from the cache %s (teacher %s, %s)", redact(d.cache), store.attrs["teacher"].get("name"),
-             f"{store.views['count']} stored views per image" if use_views else f"maps at levels {store.levels}")
+    log.info("distilling from the cache %s (teacher %s, %s)%s", redact(d.cache), store.attrs["teacher"].get("name"),
+             f"{store.views['count']} stored views per image" if use_views else f"maps at levels {store.levels}",
+             f", read through the local cache {store.read_cache.directory}" if store.read_cache else "")
     # Projected features come back mapped to the teacher's channels.
     channels = len(store.projection.mean) if store.projection is not None else store.feature_channels
     return Teacher(CachedTargets(store.projection), channels, store, use_views)

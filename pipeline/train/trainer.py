@@ -28,6 +28,8 @@ from torch.profiler import record_function
 from torch.utils.data import DataLoader
 
 from pipeline import parallel
+from pipeline.cache.readcache import ParallelSamples
+from pipeline.cache.store import is_url
 from pipeline.config import Config
 from pipeline.data import build_dataset
 from pipeline.data.samples import EpochBatches, TrainingSamples, collate
@@ -166,6 +168,8 @@ class Trainer:
         data, t = self.cfg.data, self.cfg.train
         samples = TrainingSamples(self.dataset, data.augment(), self.store, seed=t.seed, features=bool(self.terms & {"pa", "fd"}),
                                   use_view_bank=self.use_views)
+        if self.store is not None and is_url(self.store.url):
+            samples = ParallelSamples(samples)  # a batch's reads from object storage at the same time
         loader = DataLoader(
             samples, batch_sampler=EpochBatches(len(samples), t.batch_size, t.seed, self.iteration, self.world.rank,
                                                 self.world.size),
