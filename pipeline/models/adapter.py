@@ -52,7 +52,10 @@ def find_module(network: nn.Module, layer: str) -> nn.Module:
     if layer in modules and layer != "":
         return modules[layer]
     names = [name for name in modules if name]
-    close = difflib.get_close_matches(layer, names, n=5, cutoff=0.5)
+    # Names that extend what was written first (a name cut short), then the most similar ones.
+    close = [name for name in names if name.startswith(layer)]
+    close += [name for name in difflib.get_close_matches(layer, names, n=5, cutoff=0.5) if name not in close]
+    close = close[:5]
     shown = close or names[-5:]
     raise SkdError(f"feature layer {layer!r} is not a module of {type(network).__name__}; "
                    f"{'closest names' if close else 'some of its names'}: {', '.join(shown)}")

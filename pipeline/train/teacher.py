@@ -117,12 +117,31 @@ def check_feature_resolution(store: TeacherStore, cfg: Config, dataset, use_view
     crop = data.crop_size or dataset.image_size(0)
     out_hw = output_size(crop)
     node = resolve_node_size(out_hw, cfg.distill.pa_node)
-    # One stored feature cell, in output pixels (views are stored on the student's own grid).
-    cell = store.feature_pool * (1.0 if use_views else max(data.scale_range))
+    # One stored feature cell, in output pixels (views are stored on the student's own grid). A
+    # teacher that computes its features at a coarser stride than 8 (stored resampled onto the
+    # stride-8 grid) has one feature per stride / 8 cells, whatever the pool.
+    teacher_stride = store.attrs["teacher"].get("feature_stride") or OUTPUT_STRIDE
+    cell = max(store.feature_pool, teacher_stride / OUTPUT_STRIDE) * (1.0 if use_views else max(data.scale_range))
     if min(node) < cell:
         raise SkdError(
             f"pair-wise nodes of {node[0]}x{node[1]} output pixels (--pa-node {cfg.distill.pa_node} on a "
             f"{out_hw[0]}x{out_hw[1]} output) are finer than the store's features: one stored cell "
-            f"(feature stride {store.feature_stride} px, training scales up to {max(data.scale_range):g}) "
-            f"covers {cell:g} output pixels. Use larger nodes, or re-cache with a smaller --feature-pool "
-            f"(1 keeps the teacher's full stride-{OUTPUT_STRIDE} features)")
+            f"(feature stride {store.feature_stride} px, the teacher's own {teacher_stride} px, training scales up "
+            f"to {max(data.scale_range):g}) covers {cell:g} output pixels. Use larger nodes, or re-cache with "
+            + (f"a smaller --feature-pool (1 keeps the teacher's full stride-{OUTPUT_STRIDE} features)"
+               if store.feature_pool * OUTPUT_STRIDE > teacher_stride else
+               "features of a finer layer of the teacher (cache-teacher --teacher-features)"))
+
+
+def check_student_feature_resolution(feature_stride: int | None, cfg: Config, dataset) -> None:
+    """The student's features at a coarser stride than 8 are resampled onto the stride-8 grid: a
+    pair-wise node smaller than one of its own feature cells would compare interpolated values."""
+    cells = (feature_stride or OUTPUT_STRIDE) / OUTPUT_STRIDE
+    out_hw = output_size(cfg.data.crop_size or dataset.image_size(0))
+    node = resolve_node_size(out_hw, cfg.distill.pa_node)
+    if min(node) < cells:
+        raise SkdError(
+            f"pair-wise nodes of {node[0]}x{node[1]} output pixels (--pa-node {cfg.distill.pa_node} on a "
+            f"{out_hw[0]}x{out_hw[1]} output) are finer than the student's features, computed at stride "
+            f"{feature_stride} ({cells:g} output pixels each): use nodes of at least {cells:g}px, or another "
+            "--student-features layer")

@@ -42,7 +42,7 @@ from pipeline.models import build_model
 from pipeline.schedule import Progress, kd_weight, poly_schedule
 from pipeline.train.checkpoint import RunCheckpoints
 from pipeline.train.logger import MetricLogger
-from pipeline.train.teacher import build_teacher
+from pipeline.train.teacher import build_teacher, check_student_feature_resolution
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ class Trainer:
             raise SkdError(f"{exc} (ImageNet backbones are width 1 and model.width is {cfg.model.width:g}: train the "
                            "teacher with --width 1, or give the recipe a teacher_model section with width: 1; "
                            "model.width is then the students')") from None
+        if "pa" in self.terms:
+            check_student_feature_resolution(getattr(self.student, "feature_stride", None), cfg, self.dataset)
         params = [*self.student.parameters(), *(self.adapter.parameters() if self.adapter is not None else [])]
         self.optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
         # Progress by iterations, or by training seconds against --budget-minutes.
