@@ -353,12 +353,21 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
 @cli.command("cache-teacher")
 @data_options
 @click.option("--teacher", type=click.Path(), required=True,
-              help="Teacher checkpoint (skd's, or a plain state_dict with --teacher-arch), or torchvision:NAME "
-                   "with --teacher-weights.")
+              help="Teacher checkpoint (skd's, or a plain state_dict with --teacher-arch), torchvision:NAME "
+                   "with --teacher-weights, an exported model (FILE.pt2 from torch.export, FILE.ts from "
+                   "TorchScript, FILE.onnx with pip install 'skd[onnx]'), or package.module:function returning an "
+                   "nn.Module (docs/TEACHERS.md).")
 @click.option("--teacher-arch", default=None, help="Architecture of a plain state_dict, e.g. pspnet_resnet101.")
 @click.option("--teacher-weights", type=click.Path(), default=None,
               help="With --teacher torchvision:NAME (e.g. torchvision:deeplabv3_resnet101): its weights in "
-                   "torchvision's state-dict format (auxiliary classifier or not).")
+                   "torchvision's state-dict format (auxiliary classifier or not). With --teacher "
+                   "package.module:function: passed as weights=FILE if the function takes 'weights', else "
+                   "loaded into the returned module as a state dict.")
+@click.option("--teacher-mean", default=None, metavar="R,G,B",
+              help="An exported or entry-point teacher's input mean, for RGB in [0, 1], when its file's metadata "
+                   "does not give it (skd export writes it). [default: ImageNet's, 0.485,0.456,0.406]")
+@click.option("--teacher-std", default=None, metavar="R,G,B",
+              help="The same for the input's standard deviation. [default: ImageNet's, 0.229,0.224,0.225]")
 @click.option("--teacher-features", default=None, metavar="LAYER",
               help="The teacher's features for pa and fd: the output of this module (a name from "
                    "model.named_modules()), or its input with LAYER:input. [default: the PSP module's output for "
@@ -408,6 +417,7 @@ def train_student(ctx: click.Context, config_path: str | None, resume: bool, **k
 @click.pass_context
 def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str | None, data_root: str | None,
                       teacher: str, teacher_arch: str | None, teacher_weights: str | None,
+                      teacher_mean: str | None, teacher_std: str | None,
                       teacher_features: str | None, num_classes: int | None, split: str, cache: str | None,
                       batch_size: int | None, feature_pool: int | None, teacher_scales: str | None,
                       teacher_flip: bool | None, teacher_window: str | None, levels: str | None, views: int | None,
@@ -430,6 +440,7 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
     from pipeline.train.checkpoint import file_sha256, model_from_checkpoint
     from pipeline.device import resolve_device
     from pipeline.models import AdaptedModel, is_torchvision_spec, load_torchvision_teacher
+    from pipeline.models.exported import is_user_teacher, load_user_teacher
 
     cfg = build_config(config_path, data={"dataset": dataset, "root": data_root, "workers": workers,
                                           "crop_size": parse_hw(crop_size), "scale_range": parse_floats(scale_range),
@@ -444,6 +455,10 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
     ds = build_dataset(cfg.data.dataset, cfg.data.root, split, **cfg.data.options)
     if is_torchvision_spec(teacher):
         model, info = load_torchvision_teacher(teacher, teacher_weights, teacher_features, ds.num_classes)
+    elif is_user_teacher(teacher):  # .pt2 / .ts / .onnx, or package.module:function
+        model, info = load_user_teacher(teacher, num_classes=ds.num_classes, class_names=ds.class_names,
+                                        weights=teacher_weights, feature_layer=teacher_features,
+                                        mean=parse_floats(teacher_mean), std=parse_floats(teacher_std))
     else:
         if teacher_weights:
             raise SkdError(f"--teacher-weights is for --teacher torchvision:NAME; {teacher} holds its own weights")
@@ -455,6 +470,12 @@ def cache_teacher_cmd(ctx: click.Context, config_path: str | None, dataset: str 
         if teacher_features:  # another layer of skd's network, through a hook
             model = AdaptedModel(model, feature_layer=teacher_features)
             info |= {"feature_layer": teacher_features, "feature_stride": model.feature_stride}
+    if (teacher_mean or teacher_std) and not is_user_teacher(teacher):
+        raise SkdError(f"--teacher-mean/--teacher-std are for exported and entry-point teachers; {teacher} is "
+                       "normalised as skd normalises (ImageNet's mean and std)")
+    if cfg.cache.features and not model.feature_channels:
+        raise SkdError(f"teacher {teacher} gives no features: cache with --no-features (pi and ho need none), or "
+                       "give it features (skd export --with-features; a (logits, features) output; --teacher-features)")
     out = cache or default_cache(cfg.data.dataset, split, cfg.data.root)
     c = cfg.cache
     with distributed_run(ctx, cfg.train.device) as main:
@@ -614,33 +635,56 @@ def predict_cmd(ctx: click.Context, images: tuple[str, ...], checkpoint: str, ou
 @cli.command("export")
 @click.option("--checkpoint", type=click.Path(), required=True, help="Model checkpoint (skd's model.pt).")
 @click.option("--format", "fmt", type=click.Choice(["torchscript", "pt2", "onnx"]), default="torchscript",
-              help="torchscript (torch.jit), pt2 (torch.export) or onnx (needs onnx + onnxscript; batch dynamic, height and width fixed at --size).")
+              help="torchscript (torch.jit.trace at --size; checked at a second size, and fixed to --size in its "
+                   "metadata if it differs there), pt2 (torch.export; batch, height and width dynamic where "
+                   "torch.export allows, a dimension it must specialise fixed) or onnx (needs onnx + onnxscript; "
+                   "batch dynamic, height and width fixed at --size).")
 @click.option("--size", default="512x1024", help="Input HxW the model is exported (and checked) at.")
 @click.option("--check-image", type=click.Path(), default=None,
               help="Image to check the export on (resized to --size). [default: a synthetic street scene]")
+@click.option("--with-features", is_flag=True,
+              help="Output (logits, features) instead of the logits alone: a teacher for cache-teacher --teacher "
+                   "FILE whose store holds features (pair-wise and feature distillation).")
+@click.option("--dataset", default=None,
+              help="Write this dataset's class names into the file's metadata (cache-teacher checks them against "
+                   "the data it caches). [default: none written]")
+@click.option("--data-root", type=click.Path(), default=None, help="With --dataset folder: its root (classes.yaml).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="File to write.")
-def export_cmd(checkpoint: str, fmt: str, size: str, check_image: str | None, out: str) -> None:
-    """Export the student alone (logits from a normalised image; no discriminator, teacher or
-    training state) and check it against PyTorch on an image: max |difference| of the logits and
-    argmax agreement."""
+def export_cmd(checkpoint: str, fmt: str, size: str, check_image: str | None, with_features: bool,
+               dataset: str | None, data_root: str | None, out: str) -> None:
+    """Export the network alone (logits, or with --with-features (logits, features), from a normalised
+    image; no discriminator, teacher or training state) and check it against PyTorch on an image: max
+    |difference| of the logits and argmax agreement. The file carries JSON metadata (architecture,
+    input mean and std, outputs, class names, the input size if fixed) that cache-teacher reads."""
     from pipeline.data import build_dataset
     from pipeline.data.io import read_image
     from pipeline.data.transforms import normalize
     import torch
 
-    from pipeline.export import check_export, export_model
+    from pipeline.export import check_export, export_with_metadata
     from pipeline.train.checkpoint import model_from_checkpoint
 
     hw = tuple(parse_hw(size))
     model, arch = model_from_checkpoint(checkpoint)
-    path = export_model(model, fmt, hw, Path(out))
+    names = None
+    if dataset:
+        from pipeline.predict import classes_for
+
+        names, _ = classes_for(dataset, arch["num_classes"], data_root)
+        if names == [f"class {i}" for i in range(arch["num_classes"])]:
+            raise SkdError(f"--dataset {dataset}: no class names for a {arch['num_classes']}-class model (its class "
+                           "count differs from the model's)")
+    path, metadata = export_with_metadata(model, fmt, hw, Path(out), arch=arch, with_features=with_features,
+                                          class_names=names)
     image = (read_image(check_image) if check_image else
              build_dataset("synthetic", None, "val", size=list(hw), length=1)[0]["image"])
     image = normalize(image[None])
     if tuple(image.shape[-2:]) != hw:
         image = torch.nn.functional.interpolate(image, size=hw, mode="bilinear", align_corners=False)
     check = check_export(path, fmt, model, image)
-    click.echo(f"exported {arch['name']} x{arch.get('width', 1.0)} to {path} ({fmt}, input 1x3x{hw[0]}x{hw[1]})")
+    sizes = "fixed at {}x{}".format(*metadata["input_hw"]) if metadata["input_hw"] else "any height and width"
+    click.echo(f"exported {arch['name']} x{arch.get('width', 1.0)} to {path} ({fmt}, input Nx3xHxW, {sizes}; "
+               f"outputs {', '.join(metadata['outputs'])})")
     if check["checked"]:
         click.echo(f"check against PyTorch on {check_image or 'a synthetic image'}: max |logit difference| "
                    f"{check['max_abs_diff']:.2e}, argmax agreement {100 * check['argmax_agreement']:.3f} %")
