@@ -65,21 +65,27 @@ def sha256(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory) -> dict[str, Path]:
-    """A tiny skd teacher, its store, and the two files `skd export` writes of it. The export is at
-    40x64 and the data are 32x48: the files must take other sizes than their example's."""
+    """A tiny skd teacher checkpoint and its store."""
     root = tmp_path_factory.mktemp("exported")
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump({"data": TINY_DATA, "train": {"device": "cpu"},
                                       "cache": {"batch_size": 4, "feature_pool": 2}}))
     torch.manual_seed(0)
     save_checkpoint(root / "teacher.pt", {"arch": ARCH, "model": build_model(**ARCH).state_dict()})
-    for fmt, name in (("pt2", "teacher.pt2"), ("torchscript", "teacher.ts")):
-        cli("export", "--checkpoint", str(root / "teacher.pt"), "--format", fmt, "--size", "40x64",
-            "--with-features", "--dataset", "synthetic", "--out", str(root / name))
     cli("-q", "cache-teacher", "--config", str(config), "--teacher", str(root / "teacher.pt"),
         "--cache", str(root / "original.zarr"))
-    return {"root": root, "config": config, "teacher": root / "teacher.pt", "store": root / "original.zarr",
-            "pt2": root / "teacher.pt2", "ts": root / "teacher.ts"}
+    return {"root": root, "config": config, "teacher": root / "teacher.pt", "store": root / "original.zarr"}
+
+
+@pytest.fixture(scope="module")
+def exported(original) -> dict[str, Path]:
+    """The two files `skd export` writes of the teacher. The export is at 40x64 and the data are
+    32x48: the files must take other sizes than their example's."""
+    files = {"pt2": original["root"] / "teacher.pt2", "ts": original["root"] / "teacher.ts"}
+    for fmt, path in (("pt2", files["pt2"]), ("torchscript", files["ts"])):
+        cli("export", "--checkpoint", str(original["teacher"]), "--format", fmt, "--size", "40x64",
+            "--with-features", "--dataset", "synthetic", "--out", str(path))
+    return files
 
 
 @pytest.fixture
@@ -99,8 +105,8 @@ def assert_log_probs_within_one_code(store: Path, reference: Path) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["pt2", "ts"])
-def test_an_exported_teacher_caches_the_store_of_its_checkpoint(original, monkeypatch, capsys, fmt):
-    file, out = original[fmt], original["root"] / f"{fmt}.zarr"
+def test_an_exported_teacher_caches_the_store_of_its_checkpoint(original, exported, monkeypatch, capsys, fmt):
+    file, out = exported[fmt], original["root"] / f"{fmt}.zarr"
     code, _, err = run_main(monkeypatch, capsys, "-q", "cache-teacher", "--config", str(original["config"]),
                             "--teacher", str(file), "--cache", str(out))
     assert code == 0, err
@@ -261,8 +267,9 @@ def test_bad_teachers_get_one_line_each_and_nothing_is_written(original, entry_m
         (["--teacher", str(tmp_path / "absent.pt2")], "teacher file not found"),
         (["--teacher", str(tmp_path / "broken.pt2")], "cannot read"),
         (["--teacher", str(tmp_path / "reordered.ts"), "--no-features"], "calls class 0 'person', the dataset 'sky'"),
-        (["--teacher", str(original["pt2"]), "--teacher-features", "model.head"], "cannot be hooked"),
-        (["--teacher", str(original["ts"]), "--teacher-mean", "0.5,0.5,0.5"], "disagree with teacher.ts's own"),
+        (["--teacher", str(tmp_path / "broken.pt2"), "--teacher-features", "model.head"], "cannot be hooked"),
+        (["--teacher", str(tmp_path / "reordered.ts"), "--teacher-mean", "0.5,0.5,0.5"],
+         "disagree with reordered.ts's own"),
     ]
     out = tmp_path / "never.zarr"
     for args, message in cases:

@@ -129,10 +129,9 @@ def load_user_teacher(spec: str, *, num_classes: int, class_names: Sequence[str]
         model = AdaptedModel(network, feature_layer=feature_layer, probe_hw=probe_hw).eval()
     except SkdError:
         raise
-    except Exception as exc:  # the program refused the probe's input: say which file, in one line
-        first = (str(exc).strip().splitlines() or [""])[0]
+    except Exception as exc:  # the program refused the probe's input: say which teacher, in one line
         raise SkdError(f"teacher {spec} failed on a 1x3x{probe_hw[0]}x{probe_hw[1]} image batch: "
-                       f"{type(exc).__name__}: {first}") from None
+                       f"{type(exc).__name__}: {_first_line(exc)}") from None
     if model.num_classes != num_classes:
         raise SkdError(f"teacher {spec} predicts {model.num_classes} classes, the dataset has {num_classes}")
     info |= {"num_classes": model.num_classes, "class_names": list(class_names), "normalisation": norm.as_dict(),
