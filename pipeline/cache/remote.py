@@ -4,10 +4,11 @@ endpoint answers at all.
 Retries are the storage client's own, configured here rather than wrapped again: for S3 (s3fs on
 botocore) every request is retried by botocore's "standard" mode, up to ``MAX_ATTEMPTS`` attempts
 with jittered exponential backoff (at most 1, 2, 4, 8, 16 s between them) on connection errors,
-timeouts, throttling and 5xx answers, and s3fs adds its own few retries for truncated answers. Each
-object of a store is written by one request (a PUT replaces an object whole, or not at all), so a
-retried write never leaves part of a shard. ``AWS_RETRY_MODE`` / ``AWS_MAX_ATTEMPTS`` in the
-environment, or ``--storage-option config_kwargs.retries.max_attempts=N``, take precedence.
+timeouts, throttling and 5xx answers, and s3fs retries each call up to 5 times more on timeouts and
+truncated or unparseable answers. Each object of a store is written by one request (a PUT replaces
+an object whole, or not at all), so a retried write never leaves part of a shard. ``AWS_RETRY_MODE``
+/ ``AWS_MAX_ATTEMPTS`` in the environment, or ``--storage-option
+config_kwargs.retries.max_attempts=N``, take precedence.
 
 Patient retries would make a wrong or unreachable endpoint look like a hang, so a command first
 ``check_reachable``: one request with a short connect timeout and no retries, which fails in a
