@@ -199,7 +199,8 @@ def iteration_times(run: Path) -> list[float]:
     return [b - a for a, b in zip([0.0, *elapsed[:-1]], elapsed)]
 
 
-def part_train(server: Server, store: Path, url: str, epochs: int, latency_ms: float, work: Path, log) -> dict:
+def part_train(server: Server, store: Path, url: str, epochs: int, latency_ms: float, repeats: int, work: Path,
+               log) -> dict:
     import zarr
 
     images = len(zarr.open_group(str(store), mode="r").attrs["dataset"]["ids"])
@@ -212,9 +213,10 @@ def part_train(server: Server, store: Path, url: str, epochs: int, latency_ms: f
     per_epoch = images // recipe["train"]["batch_size"]
     # (name, store, latency, read cache, epochs): the runs without a read cache read the bucket every
     # epoch alike, so one epoch of each says what they cost.
+    # The runs with a read cache are repeated in turn with the local one (the machine's load drifts).
     runs = [("local", str(store), 0.0, False, epochs), ("s3 + read cache", url, 0.0, True, epochs),
-            (f"s3 + read cache, {latency_ms:g} ms", url, latency_ms, True, epochs),
-            ("s3, no read cache", url, 0.0, False, 1), (f"s3, no read cache, {latency_ms:g} ms", url, latency_ms, False, 1)]
+            (f"s3 + read cache, {latency_ms:g} ms", url, latency_ms, True, epochs)] * repeats + \
+           [("s3, no read cache", url, 0.0, False, 1), (f"s3, no read cache, {latency_ms:g} ms", url, latency_ms, False, 1)]
     rows = []
     for name, cache, latency, read_cache, run_epochs in runs:
         out = work / name.replace(" ", "_").replace(",", "").replace("+", "")
@@ -237,12 +239,21 @@ def part_train(server: Server, store: Path, url: str, epochs: int, latency_ms: f
               f"{(rows[-1]['median_after_first_epoch_s'] or 0) * 1000:.0f} ms/it, {counts['chunk_gets']} chunk GETs",
               flush=True)
     server.latency(0)
-    local = rows[0]
-    for row in rows:
+    # Per kind of run: medians over the iterations of all its repeats, and their ratio to local's.
+    summary = {}
+    for name in dict.fromkeys(row["run"] for row in rows):
+        same = [row for row in rows if row["run"] == name]
+        first = [t for row in same for t in row["iteration_s"][1:per_epoch]]
+        after = [t for row in same for t in row["iteration_s"][per_epoch:]]
+        summary[name] = {"repeats": len(same), "median_first_epoch_s": statistics.median(first),
+                         "median_after_first_epoch_s": statistics.median(after) if after else None,
+                         "chunk_gets_per_run": [row["chunk_gets"] for row in same]}
+    local = summary["local"]
+    for entry in summary.values():
         for key in ("median_first_epoch_s", "median_after_first_epoch_s"):
-            if row[key] and local[key]:
-                row[key.replace("median_", "ratio_")] = row[key] / local[key]
-    return {"images": images, "epochs": epochs, "iterations_per_epoch": per_epoch, "runs": rows,
+            if entry[key] and local[key]:
+                entry[key.replace("median_", "ratio_")] = entry[key] / local[key]
+    return {"images": images, "epochs": epochs, "iterations_per_epoch": per_epoch, "summary": summary, "runs": rows,
             "recipe": "configs/demo.yaml with train.log_every 1, log_grad_norms false; " + " ".join(STUDENT)}
 
 
@@ -423,7 +434,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="verify,train,caches,kills")
     p.add_argument("--store", default="runs/demo/synthetic.zarr", help="the demo store (make demo)")
-    p.add_argument("--repeats", type=int, default=2, help="cache-verify runs of each kind")
+    p.add_argument("--repeats", type=int, default=2, help="cache-verify runs, and training runs with a read cache, of each kind")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--latency-ms", type=float, default=20.0)
     p.add_argument("--kills", type=int, default=20)
@@ -455,7 +466,7 @@ def main() -> None:
             if "verify" in parts:
                 write(out, "verify", part_verify(server, store, url, args.repeats, log))
             if "train" in parts:
-                write(out, "train", part_train(server, store, url, args.epochs, args.latency_ms, work, log))
+                write(out, "train", part_train(server, store, url, args.epochs, args.latency_ms, args.repeats, work, log))
             if "caches" in parts:
                 write(out, "caches", part_caches(server, store, url, args.latency_ms, args.images, work))
             if "kills" in parts:
