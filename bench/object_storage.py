@@ -328,7 +328,7 @@ def stats(endpoint: str) -> dict:
         return json.loads(answer.read())
 
 
-def part_kills(server: Server, kills: int, seed: int, work: Path, log) -> dict:
+def part_kills(server: Server, kills: int, seed: int, work: Path, log, out: Path) -> dict:
     import torch
     import yaml
     import zarr
@@ -423,11 +423,13 @@ def part_kills(server: Server, kills: int, seed: int, work: Path, log) -> dict:
               f"corrupt {row['corrupt']}, lost shards {lost}",
               flush=True)
         fs.rm(f"{BUCKET}/{key}", recursive=True)
-    return {"uninterrupted_s": reference_s, "objects": len(reference), "seed": seed, "trials": rows,
-            "killed": sum(r["killed"] for r in rows), "corrupt_stores": sum(r["corrupt"] for r in rows),
-            "lost_shards": sum(r["lost_shards"] for r in rows),
-            "recipe": "synthetic 64x64, 160 images (10 shards), feature_pool 2; pspnet_resnet18 x0.125 teacher, "
-                      "random weights (seed 0)"}
+        result = {"uninterrupted_s": reference_s, "objects": len(reference), "seed": seed, "requested": kills,
+                  "completed": len(rows), "trials": rows, "killed": sum(r["killed"] for r in rows),
+                  "corrupt_stores": sum(r["corrupt"] for r in rows), "lost_shards": sum(r["lost_shards"] for r in rows),
+                  "recipe": "synthetic 64x64, 160 images (10 shards), feature_pool 2; pspnet_resnet18 x0.125 "
+                            "teacher, random weights (seed 0)"}
+        write(out, "kills", result)  # after every trial: a stopped bench keeps what it measured
+    return result
 
 
 def main() -> None:
@@ -470,7 +472,7 @@ def main() -> None:
             if "caches" in parts:
                 write(out, "caches", part_caches(server, store, url, args.latency_ms, args.images, work))
             if "kills" in parts:
-                write(out, "kills", part_kills(server, args.kills, args.seed, work, log))
+                part_kills(server, args.kills, args.seed, work, log, out)
     finally:
         server.stop()
         if not args.work:
