@@ -31,7 +31,6 @@ from pipeline.cache.writer import cache_teacher  # noqa: E402
 from pipeline.data import build_dataset  # noqa: E402
 from pipeline.errors import SkdError  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.train.checkpoint import save_checkpoint  # noqa: E402
 
 OPTIONS = {"size": [32, 40], "length": 6}
 INFO = {"name": "pspnet_resnet18", "num_classes": 8, "width": 0.125, "weights_sha256": "0" * 64}
