@@ -15,8 +15,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
+# Two pytest processes, each test file in one of them (module fixtures are built once): the suite is
+# mostly single-threaded, so this about halves its time on a 2-core machine. TEST_WORKERS=0 runs it in one.
+TEST_WORKERS ?= 2
+
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # The whole pipeline on the built-in synthetic dataset, on the CPU: a teacher, its cache, a baseline
 # student and the three distilled ablations (+PI, +PI+PA, +PI+PA+HO), all evaluated in one table.

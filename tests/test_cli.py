@@ -289,7 +289,7 @@ def test_check_data_reports_a_broken_image(monkeypatch, capsys, tmp_path):
                             "--split", "train")
     assert code == 1
     assert "folder/train: 2 images, 1 problem(s)" in out
-    problems = [line for line in out.splitlines() if line.startswith("  ")]
+    problems = [line for line in out.splitlines() if line.startswith("  ") and not line.strip().startswith("pairs:")]
     assert len(problems) == 1 and "broken.png" in problems[0] and "good" not in problems[0]
 
 

@@ -313,6 +313,7 @@ def arrays_and_attrs(path: Path) -> tuple[dict[str, np.ndarray], dict]:
     group = zarr.open_group(str(path), mode="r")
     attrs = dict(group.attrs)
     attrs.pop("created", None)
+    attrs.pop("teacher_miou", None)  # scored only by a run that wrote every image (a resumed one does not)
     return {name: array[:] for name, array in group.arrays()}, attrs
 
 

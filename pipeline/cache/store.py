@@ -53,9 +53,18 @@ def redact(url: str) -> str:
     return url.split("?", 1)[0]
 
 
-def scrub(text: str) -> str:
-    """Free text (an exception's message) with every URL's user, password and query string removed."""
-    text = re.sub(r"//[^/@\s'\"]*@", "//", str(text))
+def scrub(text: str, url: str | None = None) -> str:
+    """Free text (an exception's message) with every URL's user, password and query string removed;
+    with ``url``, also its user, password and query wherever they appear without the scheme (a
+    store's repr shows the path fsspec made of the URL, e.g. /user:secret@/path?token=...)."""
+    text = str(text)
+    if url is not None:
+        userinfo = re.search(r"//([^/@]*@)", str(url))
+        query = str(url).partition("?")[2]
+        for secret in (userinfo.group(1) if userinfo else "", "?" + query if query else ""):
+            if secret:
+                text = text.replace(secret, "")
+    text = re.sub(r"//[^/@\s'\"]*@", "//", text)
     return re.sub(r"(://[^\s'\"?]*)\?[^\s'\"]*", r"\1", text)
 
 
@@ -452,7 +461,7 @@ def _open_group(url: str, storage_options: dict | None, read_cache: ReadCache | 
     except SkdError:
         raise
     except Exception as exc:  # zarr/fsspec raise many types; the user needs the store and the reason
-        raise SkdError(f"cannot open teacher cache {redact(url)}: {type(exc).__name__}: {scrub(exc)}") from None
+        raise SkdError(f"cannot open teacher cache {redact(url)}: {type(exc).__name__}: {scrub(exc, url)}") from None
 
 
 def array_table(store: TeacherStore) -> str:

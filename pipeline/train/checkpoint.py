@@ -77,7 +77,8 @@ RESUMABLE_SETTINGS = frozenset({
     "train.device", "train.compile", "train.out",
     "train.log_every", "train.log_grad_norms", "train.checkpoint_every", "train.val_every", "train.tensorboard",
 })
-RESUMABLE_SECTIONS = frozenset({"cache", "storage"})
+# teacher_model only shapes what train-teacher builds, and that lands in the model section (compared).
+RESUMABLE_SECTIONS = frozenset({"cache", "storage", "teacher_model"})
 
 
 def public_config(cfg: Config) -> dict:
