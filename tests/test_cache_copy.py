@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import zarr
 from conftest import run_main
 
 pytest.importorskip("s3fs", reason="object storage needs s3fs: pip install 'skd[s3]'")
-moto_server = pytest.importorskip("moto.server", reason="the S3 test server is moto's: pip install 'moto[server]'")
+pytest.importorskip("moto.server", reason="the S3 test server is moto's: pip install 'moto[server]'")
 
 from pipeline.cache.copy import copy_store  # noqa: E402
 from pipeline.cache.store import TeacherStore  # noqa: E402
@@ -35,17 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 OPTIONS = {"size": [32, 40], "length": 6}
 INFO = {"name": "pspnet_resnet18", "num_classes": 8, "width": 0.125, "weights_sha256": "0" * 64}
 UNREACHABLE = "http://127.0.0.1:9"  # the discard port: nothing listens, connections are refused
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    with socket.socket() as probe:  # a free port
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.fixture

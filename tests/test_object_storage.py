@@ -4,7 +4,6 @@ here): written straight to the bucket, resumed, replaced, one writer at a time."
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 from torch import nn
 
 pytest.importorskip("s3fs", reason="object storage needs s3fs: pip install 'skd[s3]'")
-moto_server = pytest.importorskip("moto.server", reason="the S3 test server is moto's: pip install 'moto[server]'")
+pytest.importorskip("moto.server", reason="the S3 test server is moto's: pip install 'moto[server]'")
 
 from pipeline.cache.lock import ObjectLease  # noqa: E402
 from pipeline.cache.store import TeacherStore  # noqa: E402
@@ -24,17 +23,6 @@ from pipeline.models import build_model  # noqa: E402
 
 OPTIONS = {"size": [32, 40], "length": 6}
 INFO = {"name": "pspnet_resnet18", "num_classes": 8, "width": 0.125, "weights_sha256": "0" * 64}
-
-
-@pytest.fixture(scope="module")
-def endpoint():
-    with socket.socket() as probe:  # a free port
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.fixture

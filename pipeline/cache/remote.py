@@ -43,9 +43,15 @@ def _merge_defaults(options: dict, defaults: dict) -> dict:
 
 
 def network_options(url: str, storage_options: dict | None) -> dict[str, Any]:
-    """The fsspec storage options a store at ``url`` is opened with: the user's, plus the retry
-    policy above for S3 where neither the options nor the environment set one."""
+    """The fsspec storage options a store at ``url`` is opened with: the user's, the environment's
+    S3 endpoint made explicit, and the retry policy above for S3 where neither the options nor the
+    environment set one."""
     options = dict(storage_options or {})
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if _s3(url) and endpoint and "endpoint_url" not in options and "endpoint_url" not in options.get("client_kwargs", {}):
+        # Explicit, so that fsspec's cached file system for these options is this endpoint's and not
+        # one made earlier in the process while the environment named another.
+        options["endpoint_url"] = endpoint
     if not _s3(url) or "AWS_RETRY_MODE" in os.environ or "AWS_MAX_ATTEMPTS" in os.environ:
         return options
     return _merge_defaults(options, {"config_kwargs": {"retries": {"mode": "standard", "max_attempts": MAX_ATTEMPTS}}})

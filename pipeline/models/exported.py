@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from pipeline.errors import SkdError
 from pipeline.models.adapter import AdaptedModel
-from pipeline.models.weights import load_checkpoint_state, load_state
+from pipeline.models.weights import file_sha256, load_checkpoint_state, load_state
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def load_file(path: Path) -> tuple[FileNetwork, dict[str, Any], dict[str, Any]]:
         # TorchScript and some ONNX files do not declare their sizes; skd export's metadata does.
         network.accepted = tuple((s, s) for s in metadata["input_hw"])
     info = {"name": f"{fmt}:{metadata.get('model', path.stem)}", "format": fmt, "checkpoint": path.name,
-            "weights_sha256": _file_sha256(path)}
+            "weights_sha256": file_sha256(path)}
     if any(lo is not None or hi is not None for lo, hi in network.accepted):
         info["input_sizes"] = _describe_accepted(network.accepted)
     return network, info, metadata
@@ -418,7 +418,7 @@ def load_entry_point(spec: str, weights: str | None, num_classes: int) -> tuple[
     if weights is not None and "weights" not in parameters:
         load_state(network, load_checkpoint_state(weights), weights, strict=True)
     info = {"name": str(spec), "format": "entry point", "checkpoint": Path(weights).name if weights else None,
-            "weights_sha256": _file_sha256(weights) if weights else None, "state_sha256": state_sha256(network)}
+            "weights_sha256": file_sha256(weights) if weights else None, "state_sha256": state_sha256(network)}
     return network.eval(), info
 
 
@@ -434,13 +434,6 @@ def state_sha256(module: nn.Module) -> str:
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
-
-def _file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -14,7 +14,6 @@ and upsampled inside the head).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from torchvision.models import segmentation
 
 from pipeline.errors import SkdError
 from pipeline.models.adapter import AdaptedModel
-from pipeline.models.weights import load_checkpoint_state, load_pretrained_backbone, load_state
+from pipeline.models.weights import file_sha256, load_checkpoint_state, load_pretrained_backbone, load_state
 
 PREFIX = "torchvision:"
 
@@ -155,14 +154,7 @@ def load_torchvision_teacher(spec: str, weights: str | None, feature_layer: str 
                                     feature_layer=feature_layer)
     load_state(model.network, state, weights, strict=True)
     info = {"name": spec, "num_classes": num_classes, "checkpoint": Path(weights).name,
-            "weights_sha256": _sha256(weights), "native_stride": model.native_stride,
+            "weights_sha256": file_sha256(weights), "native_stride": model.native_stride,
             "feature_layer": model.feature_layer, "feature_stride": model.feature_stride}
     return model.eval(), info
 
-
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -12,6 +12,7 @@ default momentum.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +22,15 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.errors import SkdError
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (weights files run to gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 HEAD_PREFIXES = ("head.", "dsn.")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch puts terminal bold codes in some of its messages

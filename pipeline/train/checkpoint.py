@@ -9,7 +9,6 @@ from it (the same settings, the log cut back to the checkpoint).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from pipeline.config import Config
 from pipeline.errors import SkdError
 from pipeline.faults import fault_point
 from pipeline.models import build_model
-from pipeline.models.weights import load_state, read_checkpoint, state_dict_of
+from pipeline.models.weights import file_sha256, load_state, read_checkpoint, state_dict_of  # noqa: F401 (file_sha256: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +38,6 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     fault_point("checkpoint-write")
     os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
 
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_from_checkpoint(path: str | Path, arch: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
